@@ -1,0 +1,201 @@
+"""The `avssl` command. Each subcommand lives with its component and is registered here.
+
+Errors caused by input (a config key, a file, a line) are printed as one clear message with
+exit status 2, never as a traceback; AVSSL_DEBUG=1 shows the traceback too.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from pathlib import Path
+from typing import Callable
+
+from rich.console import Console
+from rich.table import Table
+from rich.text import Text
+
+from avssl import AvsslError, __version__
+
+console = Console(stderr=False)
+err_console = Console(stderr=True)
+
+
+def _add_config_args(p: argparse.ArgumentParser, default: str | None) -> None:
+    p.add_argument("--config", default=default, help=f"YAML recipe (default: {default})")
+    p.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY.PATH=VALUE",
+        help="override one config value, e.g. --set synth.num_speakers=8 (repeatable)",
+    )
+
+
+# ----------------------------------------------------------------------------- data
+
+
+def cmd_data_synth(args: argparse.Namespace) -> None:
+    from avssl.config import load_config
+    from avssl.data.corpus import CorpusRecipe, summarize, synthesize_corpus
+
+    recipe = load_config(CorpusRecipe, args.config, args.overrides)
+    index = synthesize_corpus(recipe, Path(args.out))
+    console.print(f"[green]wrote corpus[/green] {index.root} ({sum(index.count(s) for s in index.splits)} samples)")
+    _print_summary(summarize(index.root))
+
+
+def cmd_data_stats(args: argparse.Namespace) -> None:
+    from avssl.config import load_config
+    from avssl.data.corpus import CorpusRecipe, compute_stats
+
+    recipe = load_config(CorpusRecipe, args.config, args.overrides)
+    stats = compute_stats(Path(args.corpus), recipe.features, args.split, args.max_clips)
+    console.print(f"[green]wrote[/green] {Path(args.corpus) / 'stats.json'}: mean={stats.mean:.4f} std={stats.std:.4f} over {stats.num_clips} clips")
+
+
+def _print_summary(summary: dict) -> None:
+    table = Table(title=f"corpus ({summary['dataset']})")
+    for col in ("split", "samples", "shards", "MB", "speakers", "hours", "modalities", "emotions", "spoof"):
+        table.add_column(col)
+    for split, s in summary["splits"].items():
+        table.add_row(
+            split,
+            str(s["samples"]),
+            str(s["shards"]),
+            f"{s['bytes'] / 2**20:.1f}",
+            str(s["speakers"]),
+            f"{s['hours']:.3f}",
+            " ".join(f"{k}:{v}" for k, v in s["modalities"].items()),
+            " ".join(f"{k}:{v}" for k, v in s["emotions"].items()),
+            " ".join(f"{k}:{v}" for k, v in s["spoof"].items()),
+        )
+    console.print(table)
+    stats = summary.get("stats")
+    console.print(
+        f"fbank stats: mean={stats['mean']:.3f} std={stats['std']:.3f} ({stats['num_mel_bins']} bins, /{stats['norm_std_scale']:g}std)"
+        if stats
+        else "[yellow]no stats.json[/yellow]: run `avssl data stats CORPUS`"
+    )
+    if summary.get("trials"):
+        console.print("trial lists: " + ", ".join(summary["trials"]))
+
+
+def cmd_data_inspect(args: argparse.Namespace) -> None:
+    from avssl.data.corpus import first_clip, plot_clip, summarize
+    from avssl.data.features import FeatureConfig
+
+    corpus = Path(args.corpus)
+    summary = summarize(corpus)
+    _print_summary(summary)
+    clip = first_clip(corpus, args.split)
+    num_mel_bins = (summary.get("stats") or {}).get("num_mel_bins", 128)
+    path = plot_clip(clip, FeatureConfig(num_mel_bins=num_mel_bins), Path(args.plot or corpus / "inspect.png"))
+    console.print(f"sample picture: {path}")
+
+
+# ----------------------------------------------------------------------------- bench
+
+
+def cmd_bench_data(args: argparse.Namespace) -> None:
+    from avssl.data.bench import bench_data, print_bench
+
+    rows = bench_data(Path(args.corpus), args.workers, args.batches, args.batch_size, args.clip_seconds)
+    print_bench(rows, console)
+
+
+def cmd_bench_model(args: argparse.Namespace) -> None:
+    from avssl.pretrain.bench import bench_model, print_table
+
+    rows = bench_model(archs=args.arch, attn=args.attn, batch_size=args.batch_size, steps=args.steps, device=args.device)
+    print_table(rows)
+
+
+# ----------------------------------------------------------------------------- parser
+
+Command = Callable[[argparse.Namespace], None]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="avssl",
+        description="Self-supervised audio-visual pretraining of a shared ViT backbone for speech.",
+    )
+    parser.add_argument("--version", action="version", version=f"avssl {__version__}")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    top = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    data = top.add_parser("data", help="create, prepare and inspect corpora").add_subparsers(
+        dest="data_command", required=True, metavar="SUBCOMMAND"
+    )
+    p = data.add_parser("synth", help="generate the synthetic audio-visual corpus as shards")
+    _add_config_args(p, "configs/data/demo.yaml")
+    p.add_argument("--out", default="data/demo", help="corpus directory to create (default: data/demo)")
+    p.set_defaults(func=cmd_data_synth)
+
+    p = data.add_parser("stats", help="compute fbank normalization statistics of a corpus (writes stats.json)")
+    p.add_argument("corpus", help="corpus directory")
+    p.add_argument("--split", default="train")
+    p.add_argument("--max-clips", type=int, default=None, help="use at most this many clips")
+    _add_config_args(p, None)
+    p.set_defaults(func=cmd_data_stats)
+
+    p = data.add_parser("inspect", help="summarize a corpus and draw one sample")
+    p.add_argument("corpus", help="corpus directory")
+    p.add_argument("--split", default="train")
+    p.add_argument("--plot", default=None, help="where to write the sample picture (default: CORPUS/inspect.png)")
+    p.set_defaults(func=cmd_data_inspect)
+
+    bench = top.add_parser("bench", help="benchmarks that print ratios against a baseline run alongside").add_subparsers(
+        dest="bench_command", required=True, metavar="SUBCOMMAND"
+    )
+    p = bench.add_parser("data", help="data pipeline samples/s vs loose files with a plain Dataset")
+    p.add_argument("--corpus", default="data/demo")
+    p.add_argument("--workers", type=int, nargs="+", default=[0, 1, 2])
+    p.add_argument("--batches", type=int, default=12, help="timed batches per setting")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--clip-seconds", type=float, default=2.0)
+    p.set_defaults(func=cmd_bench_data)
+
+    p = bench.add_parser("model", help="forward+backward time, tokens/s and FLOPs per sample by size and attention")
+    p.add_argument("--arch", nargs="+", default=["avvit_tiny_patch16", "avvit_base_patch16"])
+    p.add_argument("--attn", nargs="+", default=["eager", "sdpa"])
+    p.add_argument("--batch-size", type=int, default=2)
+    p.add_argument("--steps", type=int, default=2)
+    p.add_argument("--device", default="cuda" if _cuda() else "cpu")
+    p.set_defaults(func=cmd_bench_model)
+    return parser
+
+
+def _cuda() -> bool:
+    try:
+        import torch
+
+        return torch.cuda.is_available()
+    except ImportError:  # pragma: no cover
+        return False
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s"
+    )
+    try:
+        args.func(args)
+    except AvsslError as exc:
+        if os.environ.get("AVSSL_DEBUG"):
+            raise
+        err_console.print(Text.assemble(("error: ", "bold red"), str(exc)), highlight=False)
+        return 2
+    except KeyboardInterrupt:
+        err_console.print("[yellow]interrupted[/yellow]")
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,131 @@
+"""Building a corpus directory: the synthetic corpus, normalization statistics, inspection."""
+
+from __future__ import annotations
+
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+from pydantic import Field
+
+from avssl import AvsslError
+from avssl.config import Section, save_resolved
+from avssl.data.features import FeatureConfig, RunningMoments, fbank, load_stats, save_stats
+from avssl.data.stats import compute_stats, stats_from_moments  # noqa: F401  (re-exported for the CLI)
+from avssl.data.schema import Clip
+from avssl.data.shards import CorpusIndex, CorpusWriter, ShardConfig, decode_clip, iter_raw_samples
+from avssl.data.synth import SynthConfig, format_trials, generate, num_clips, trials
+from avssl.io import atomic_write_text
+from avssl.progress import progress_bar
+
+TRIALS_DIR = "trials"
+
+
+class CorpusRecipe(Section):
+    """`configs/data/*.yaml`: how to generate the synthetic corpus and shard it."""
+
+    synth: SynthConfig = Field(default_factory=SynthConfig)
+    shards: ShardConfig = Field(default_factory=ShardConfig)
+    features: FeatureConfig = Field(default_factory=FeatureConfig)
+
+
+def synthesize_corpus(recipe: CorpusRecipe, out: Path) -> CorpusIndex:
+    """Generate the synthetic corpus into shards, with stats.json, trials and the resolved recipe."""
+    import torch
+
+    out = Path(out)
+    if (out / "index.json").exists():
+        raise AvsslError(f"{out}: a corpus already exists here; remove it or choose another --out")
+    total = num_clips(recipe.synth)
+    per_split: Counter[str] = Counter()
+    moments, stat_clips = RunningMoments(), 0
+    with CorpusWriter(out, recipe.shards, dataset="synth") as writer, progress_bar("synthesizing", total) as bar:
+        for clip in generate(recipe.synth):
+            writer.write(clip)
+            per_split[clip.meta.split] += 1
+            if clip.meta.split == "train" and clip.audio is not None:
+                moments.update(fbank(torch.from_numpy(clip.audio), recipe.features))
+                stat_clips += 1
+            bar.advance()
+        writer.close(extra={"generator": "avssl.data.synth", "seed": recipe.synth.seed})
+    save_stats(out, stats_from_moments(moments, recipe.features, stat_clips))
+    atomic_write_text(out / TRIALS_DIR / "synth_test.txt", format_trials(trials(recipe.synth)))
+    save_resolved(recipe, out / "recipe.yaml")
+    return CorpusIndex.load(out)
+
+
+def summarize(corpus: Path) -> dict[str, Any]:
+    """Counts per split: samples, shards, bytes, speakers, emotions, spoof/attacks, modalities."""
+    import json
+
+    index = CorpusIndex.load(corpus)
+    out: dict[str, Any] = {"dataset": index.data["dataset"], "splits": {}}
+    for split in index.splits:
+        speakers: set[str] = set()
+        emotions: Counter[str] = Counter()
+        attacks: Counter[str] = Counter()
+        modalities: Counter[str] = Counter()
+        duration = 0.0
+        for sample in iter_raw_samples(index.shards(split)):
+            meta = json.loads(sample["json"])
+            speakers.add(meta["speaker"])
+            emotions[meta.get("emotion") or "-"] += 1
+            attacks[meta["attack"] if meta["spoof"] == "spoof" else "bonafide"] += 1
+            modalities["+".join(m for m, k in (("audio", "flac"), ("video", "mp4")) if k in sample)] += 1
+            duration += float(meta["duration"])
+        shards = index.data["splits"][split]["shards"]
+        out["splits"][split] = {
+            "samples": index.count(split),
+            "shards": len(shards),
+            "bytes": sum(s["bytes"] for s in shards),
+            "speakers": len(speakers),
+            "hours": duration / 3600,
+            "emotions": dict(sorted(emotions.items())),
+            "spoof": dict(sorted(attacks.items())),
+            "modalities": dict(modalities),
+        }
+    try:
+        out["stats"] = load_stats(corpus).model_dump()
+    except AvsslError:
+        out["stats"] = None
+    out["trials"] = sorted(str(p.relative_to(corpus)) for p in (Path(corpus) / TRIALS_DIR).glob("*.txt"))
+    return out
+
+
+def first_clip(corpus: Path, split: str = "train") -> Clip:
+    index = CorpusIndex.load(corpus)
+    for sample in iter_raw_samples(index.shards(split)):
+        return decode_clip(sample)
+    raise AvsslError(f"{corpus}: split {split!r} is empty")
+
+
+def plot_clip(clip: Clip, features: FeatureConfig, path: Path) -> Path:
+    """A picture of one sample: waveform, log-mel filterbank and a strip of face frames."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+    import torch
+
+    fig, axes = plt.subplots(3, 1, figsize=(10, 8), gridspec_kw={"height_ratios": [1, 2, 1.4]})
+    m = clip.meta
+    fig.suptitle(f"{m.utterance}  speaker={m.speaker}  emotion={m.emotion}  {m.spoof} {m.attack}")
+    if clip.audio is not None:
+        t = np.arange(len(clip.audio)) / 16000
+        axes[0].plot(t, clip.audio, lw=0.5)
+        axes[0].set_xlim(0, t[-1])
+        axes[0].set_ylabel("wave")
+        axes[1].imshow(fbank(torch.from_numpy(clip.audio), features).T.numpy(), origin="lower", aspect="auto")
+        axes[1].set_ylabel("mel bin")
+        axes[1].set_xlabel("frame (10 ms)")
+    if clip.video is not None:
+        idx = np.linspace(0, len(clip.video) - 1, 8).round().astype(int)
+        axes[2].imshow(np.concatenate(list(clip.video[idx]), axis=1))
+        axes[2].set_title(f"frames {idx.tolist()} at {m.fps:g} fps")
+    axes[2].axis("off")
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=80)
+    plt.close(fig)
+    return path

@@ -1,0 +1,264 @@
+"""Streaming training data: webdataset shards -> decoded, cropped features -> batches.
+
+Built for many ranks x many DataLoader workers:
+- Node splitting is explicit (`rank`, `world_size` are arguments, never guessed from the
+  environment): rank r reads shards r, r+W, r+2W, ... of the split.
+- Worker splitting: DataLoader worker w of a rank reads every n-th shard of that rank's list
+  (finite mode) or draws shards from it with its own seed (resampled mode).
+- Resampled mode (training default) draws shards with replacement forever and the loader
+  stops after exactly `steps_per_epoch` batches on every rank, so ranks never hang on uneven
+  data. Shuffling: shard order (seeded by seed, epoch, rank, worker) and a sample buffer.
+- Decoding and features run inside the DataLoader workers.
+- A corrupt, truncated or empty sample is skipped, counted and reported: every batch carries
+  `skipped`, the number of samples dropped by its worker since its previous batch.
+
+Batch layout (B samples; missing modalities are zero-filled and flagged):
+  audio     float32 [B, T, F]        normalized log-mel fbank (T = frames in clip_seconds)
+  video     float32 [B, V, 3, S, S]  normalized face frames, or None when video is not loaded
+  has_audio bool [B], has_video bool [B]
+  emotion   int64 [B]  index into schema.EMOTIONS, -1 when unlabelled
+  is_spoof  int64 [B]  1 spoof, 0 bona fide
+  meta      list[dict] the samples' metadata (speaker, utterance, attack, ...)
+  skipped   int
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import zlib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator, Literal
+
+import numpy as np
+import torch
+from pydantic import Field, field_validator
+from torch.utils.data import IterableDataset, get_worker_info
+
+from avssl import AvsslError
+from avssl.config import Section
+from avssl.data.features import FbankStats, FeatureConfig, audio_features, crop_window, load_stats, video_features
+from avssl.data.schema import EMOTIONS, SAMPLE_RATE
+from avssl.data.shards import CorpusIndex, decode_clip
+
+log = logging.getLogger(__name__)
+
+Modality = Literal["audio", "video"]
+
+
+class DataConfig(Section):
+    """Which corpus to stream and how to batch it."""
+
+    corpus: str = Field("data/demo", description="corpus directory (index.json, shards, stats.json)")
+    split: str = "train"
+    batch_size: int = Field(8, ge=1, description="micro-batch per rank")
+    num_workers: int = Field(2, ge=0, description="DataLoader worker processes per rank")
+    clip_seconds: float = Field(2.0, gt=0, le=60, description="length of each training crop")
+    crop: Literal["random", "center"] = "random"
+    modalities: list[Modality] = Field(default_factory=lambda: ["audio", "video"])
+    resampled: bool = Field(True, description="draw shards with replacement; fixed steps per epoch")
+    steps_per_epoch: int | None = Field(None, ge=1, description="default: split count / (batch x world)")
+    shard_shuffle: bool = True
+    shuffle_buffer: int = Field(256, ge=0, description="sample shuffle buffer per worker (0: off)")
+    seed: int = 0
+
+    @field_validator("modalities")
+    @classmethod
+    def _modalities(cls, v: list[str]) -> list[str]:
+        if not v or len(set(v)) != len(v):
+            raise ValueError("list audio, video or both, once each")
+        return v
+
+
+def _seed(*parts: Any) -> int:
+    return zlib.crc32(repr(parts).encode())
+
+
+def rank_shards(shards: list[Path], rank: int, world_size: int, resampled: bool) -> list[Path]:
+    """Rank r's shards: r, r+W, ... Finite reading needs at least one shard per rank; resampled
+    reading lets every rank draw from all shards when there are fewer shards than ranks."""
+    if not 0 <= rank < world_size:
+        raise ValueError(f"rank {rank} outside world_size {world_size}")
+    mine = shards[rank::world_size]
+    if not mine:
+        if resampled:
+            return list(shards)
+        raise AvsslError(
+            f"{len(shards)} shard(s) for {world_size} ranks: rank {rank} would get none and the job would hang; "
+            "write more shards (shards.min_shards_per_split) or use data.resampled=true"
+        )
+    return mine
+
+
+class ShardStream(IterableDataset):
+    """Yields {"url": path} for this rank's DataLoader worker (first stage of the pipeline)."""
+
+    def __init__(self, shards: list[Path], resampled: bool, shuffle: bool, seed: int, rank: int) -> None:
+        self.shards, self.resampled, self.shuffle, self.seed, self.rank = shards, resampled, shuffle, seed, rank
+        self.epoch = 0
+
+    def __iter__(self) -> Iterator[dict[str, str]]:
+        info = get_worker_info()
+        worker, num_workers = (info.id, info.num_workers) if info else (0, 1)
+        rng = random.Random(_seed(self.seed, self.epoch, self.rank, worker))
+        if self.resampled:
+            while True:
+                yield {"url": str(rng.choice(self.shards))}
+        order = list(self.shards)
+        if self.shuffle:
+            random.Random(_seed(self.seed, self.epoch, self.rank)).shuffle(order)
+        for url in order[worker::num_workers]:
+            yield {"url": str(url)}
+
+
+@dataclass
+class SampleDecoder:
+    """Turns raw samples into feature examples; skips and counts the ones that fail."""
+
+    data: DataConfig
+    features: FeatureConfig
+    stats: FbankStats
+    rank: int
+    skipped: int = 0
+    epoch: int = 0
+
+    def tar_error(self, exn: Exception) -> bool:
+        """webdataset handler for unreadable shards (truncated tar): count, warn, continue."""
+        self.skipped += 1
+        log.warning("skipping unreadable shard data: %s", exn)
+        return True
+
+    def __call__(self, source: Iterator[dict[str, Any]]) -> Iterator[dict[str, Any]]:
+        info = get_worker_info()
+        rng = np.random.default_rng(_seed(self.data.seed, self.epoch, self.rank, info.id if info else 0, "crop"))
+        for sample in source:
+            try:
+                yield self.example(sample, rng)
+            except Exception as exc:  # one bad sample must never end a long run
+                self.skipped += 1
+                log.warning("skipping sample %s from %s: %s", sample.get("__key__"), sample.get("__url__"), exc)
+
+    def example(self, sample: dict[str, Any], rng: np.random.Generator) -> dict[str, Any]:
+        clip = decode_clip(sample)
+        want_audio, want_video = "audio" in self.data.modalities, "video" in self.data.modalities
+        audio = clip.audio if want_audio else None
+        video = clip.video if want_video else None
+        if audio is None and video is None:
+            raise ValueError(f"sample has none of the requested modalities {self.data.modalities}")
+        duration = len(audio) / SAMPLE_RATE if audio is not None else len(video) / clip.meta.fps
+        start = crop_window(duration, self.data.clip_seconds, self.data.crop, rng)
+        return {
+            "audio": None if audio is None else audio_features(audio, start, self.data.clip_seconds, self.features, self.stats),
+            "video": None if video is None else video_features(video, clip.meta.fps, start, self.data.clip_seconds, self.features),
+            "meta": clip.meta.to_dict(),
+        }
+
+
+def collate(examples: list[dict[str, Any]], data: DataConfig, features: FeatureConfig, skipped: int) -> dict[str, Any]:
+    """Stack examples into one batch (layout in the module docstring)."""
+    b = len(examples)
+    t, f = features.num_audio_frames(data.clip_seconds), features.num_mel_bins
+    v, s = features.num_frames, features.image_size
+    audio = torch.zeros(b, t, f)
+    video = torch.zeros(b, v, 3, s, s) if "video" in data.modalities else None
+    has_audio = torch.zeros(b, dtype=torch.bool)
+    has_video = torch.zeros(b, dtype=torch.bool)
+    for i, ex in enumerate(examples):
+        if ex["audio"] is not None:
+            audio[i], has_audio[i] = ex["audio"], True
+        if ex["video"] is not None and video is not None:
+            video[i], has_video[i] = ex["video"], True
+    metas = [ex["meta"] for ex in examples]
+    return {
+        "audio": audio,
+        "video": video,
+        "has_audio": has_audio,
+        "has_video": has_video,
+        "emotion": torch.tensor([EMOTIONS.index(m["emotion"]) if m.get("emotion") in EMOTIONS else -1 for m in metas]),
+        "is_spoof": torch.tensor([int(m["spoof"] == "spoof") for m in metas]),
+        "meta": metas,
+        "skipped": skipped,
+    }
+
+
+class Batcher:
+    """Pipeline stage: groups examples into batches and attaches the skip count."""
+
+    def __init__(self, decoder: SampleDecoder, partial: bool) -> None:
+        self.decoder, self.partial = decoder, partial
+        self._reported = 0
+
+    def __call__(self, source: Iterator[dict[str, Any]]) -> Iterator[dict[str, Any]]:
+        d = self.decoder
+        pending: list[dict[str, Any]] = []
+        for ex in source:
+            pending.append(ex)
+            if len(pending) == d.data.batch_size:
+                yield self._emit(pending)
+                pending = []
+        if pending and self.partial:
+            yield self._emit(pending)
+
+    def _emit(self, examples: list[dict[str, Any]]) -> dict[str, Any]:
+        skipped, self._reported = self.decoder.skipped - self._reported, self.decoder.skipped
+        return collate(examples, self.decoder.data, self.decoder.features, skipped)
+
+
+class StreamingLoader:
+    """A DataLoader over the webdataset pipeline with a fixed number of batches per epoch.
+
+    `len(loader)` is the number of batches an epoch yields on this rank (equal on every rank in
+    resampled mode). Call `set_epoch(e)` before iterating epoch e for a new shuffle.
+    """
+
+    def __init__(self, data: DataConfig, features: FeatureConfig, rank: int = 0, world_size: int = 1) -> None:
+        import webdataset as wds
+
+        self.data, self.features = data, features
+        index = CorpusIndex.load(data.corpus)
+        stats = load_stats(Path(data.corpus))
+        stats.check_matches(features, str(Path(data.corpus) / "stats.json"))
+        count = index.count(data.split)
+        shards = rank_shards(index.shards(data.split), rank, world_size, data.resampled)
+        if data.resampled:
+            self.steps = data.steps_per_epoch or max(1, count // (data.batch_size * world_size))
+        else:  # finite: every sample of this rank once, last batch may be partial
+            self.steps = None
+        self.stream = ShardStream(shards, data.resampled, data.shard_shuffle, data.seed, rank)
+        self.decoder = SampleDecoder(data, features, stats, rank)
+        stages: list[Any] = [
+            self.stream,
+            wds.tarfile_to_samples(handler=self.decoder.tar_error),
+        ]
+        if data.shuffle_buffer > 0:
+            stages.append(wds.shuffle(data.shuffle_buffer, initial=min(64, data.shuffle_buffer), rng=random.Random(_seed(data.seed, rank))))
+        stages += [self.decoder, Batcher(self.decoder, partial=not data.resampled)]
+        self.pipeline = wds.DataPipeline(*stages)
+        self.loader = torch.utils.data.DataLoader(
+            self.pipeline,
+            batch_size=None,
+            num_workers=data.num_workers,
+            collate_fn=None,
+            persistent_workers=False,
+            prefetch_factor=2 if data.num_workers > 0 else None,
+        )
+
+    def set_epoch(self, epoch: int) -> None:
+        self.stream.epoch = epoch
+        self.decoder.epoch = epoch
+
+    def __len__(self) -> int:
+        if self.steps is None:
+            raise TypeError("a finite (resampled=false) loader has no fixed length")
+        return self.steps
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        if self.steps is None:
+            yield from self.loader
+            return
+        it = iter(self.loader)
+        for _ in range(self.steps):
+            yield next(it)
+        del it  # shuts the workers down
+

@@ -1,0 +1,210 @@
+"""Writing and reading corpus shards (webdataset tar files) and the corpus index.
+
+A corpus directory holds, for every split, tar shards `<split>-NNNNNN.tar` of about
+`target_mb` each, an `index.json` with per-shard sample counts (so loaders know the epoch size
+without reading the data), `stats.json` (fbank normalization), and optional `trials/*.txt`
+(VoxCeleb-format verification trials). Shards are written under a temporary name and renamed
+when complete, and the index is written last: a crash never leaves a corpus that looks whole.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import tarfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable, Iterator
+
+from pydantic import Field
+
+from avssl import AvsslError
+from avssl.config import Section
+from avssl.data.schema import Clip, Meta, decode_audio, decode_video, encode_audio, encode_video
+from avssl.io import read_json, write_json
+
+INDEX_FILE = "index.json"
+SCHEMA_VERSION = 1
+
+
+class ShardConfig(Section):
+    """Shard sizing when writing a corpus."""
+
+    target_mb: float = Field(64.0, gt=0, description="close a shard once it reaches this size")
+    max_count: int = Field(10_000, ge=1, description="close a shard after this many samples")
+    min_shards_per_split: int = Field(
+        1, ge=1, description="split small corpora into at least this many shards (keep >= ranks x workers)"
+    )
+
+
+def encode_clip(clip: Clip) -> dict[str, bytes]:
+    """A Clip -> the members of one webdataset sample (see avssl.data.schema)."""
+    sample: dict[str, bytes] = {"json": json.dumps(clip.meta.to_dict(), sort_keys=True).encode()}
+    if clip.audio is not None:
+        sample["flac"] = encode_audio(clip.audio)
+    if clip.video is not None:
+        if clip.meta.fps is None:
+            raise ValueError(f"{clip.meta.utterance}: video without meta.fps")
+        sample["mp4"] = encode_video(clip.video, clip.meta.fps)
+    return sample
+
+
+def decode_clip(sample: dict[str, Any]) -> Clip:
+    """The members of one sample -> a Clip (audio resampled to 16 kHz by the caller if needed)."""
+    from avssl.data.features import resample
+
+    if "json" not in sample:
+        raise ValueError("sample has no json metadata")
+    meta = Meta.from_dict(json.loads(sample["json"]))
+    audio = video = None
+    if "flac" in sample or "wav" in sample:
+        wave, sr = decode_audio(sample.get("flac") or sample["wav"])
+        if wave.size == 0:
+            raise ValueError("audio is empty")
+        audio = resample(wave, sr)
+    if "mp4" in sample:
+        video, fps = decode_video(sample["mp4"])
+        meta.fps = meta.fps or fps
+    if audio is None and video is None:
+        raise ValueError("sample has neither audio nor video")
+    return Clip(meta=meta, audio=audio, video=video)
+
+
+@dataclass
+class _OpenShard:
+    path: Path
+    tmp: Path
+    tar: tarfile.TarFile
+    count: int = 0
+    bytes: int = 0
+
+
+@dataclass
+class CorpusWriter:
+    """Writes clips into per-split shards and the corpus index.
+
+    with CorpusWriter(out_dir, cfg, dataset="synth") as w:
+        for clip in clips: w.write(clip)
+    """
+
+    out_dir: Path
+    cfg: ShardConfig
+    dataset: str
+    expected_per_split: dict[str, int] = field(default_factory=dict)
+    _open: dict[str, _OpenShard] = field(default_factory=dict)
+    _done: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
+    _keys: set[str] = field(default_factory=set)
+
+    def __post_init__(self) -> None:
+        self.out_dir = Path(self.out_dir)
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+
+    def __enter__(self) -> "CorpusWriter":
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is None:
+            self.close()
+        else:  # leave no half-written shard that looks complete
+            for shard in self._open.values():
+                shard.tar.close()
+                shard.tmp.unlink(missing_ok=True)
+
+    def _max_count(self, split: str) -> int:
+        expected = self.expected_per_split.get(split)
+        if expected:  # spread small corpora over enough shards for ranks x workers
+            return max(1, min(self.cfg.max_count, -(-expected // self.cfg.min_shards_per_split)))
+        return self.cfg.max_count
+
+    def _shard(self, split: str) -> _OpenShard:
+        shard = self._open.get(split)
+        if shard is None:
+            index = len(self._done.setdefault(split, []))
+            path = self.out_dir / f"{split}-{index:06d}.tar"
+            tmp = path.with_name(f".{path.name}.tmp")
+            shard = _OpenShard(path=path, tmp=tmp, tar=tarfile.open(tmp, "w"))
+            self._open[split] = shard
+        return shard
+
+    def _finish(self, split: str) -> None:
+        shard = self._open.pop(split)
+        shard.tar.close()
+        os.replace(shard.tmp, shard.path)
+        self._done[split].append({"file": shard.path.name, "count": shard.count, "bytes": shard.path.stat().st_size})
+
+    def write(self, clip: Clip) -> None:
+        split = clip.meta.split
+        key = clip.key
+        if key in self._keys:
+            raise AvsslError(f"duplicate utterance id {clip.meta.utterance!r}: ids must be unique in a corpus")
+        self._keys.add(key)
+        members = encode_clip(clip)
+        shard = self._shard(split)
+        mtime = time.time()
+        for ext, data in members.items():
+            info = tarfile.TarInfo(f"{key}.{ext}")
+            info.size, info.mtime, info.mode = len(data), mtime, 0o444
+            shard.tar.addfile(info, io.BytesIO(data))
+            shard.bytes += len(data) + 512
+        shard.count += 1
+        if shard.bytes >= self.cfg.target_mb * 2**20 or shard.count >= self._max_count(split):
+            self._finish(split)
+
+    def close(self, extra: dict[str, Any] | None = None) -> Path:
+        for split in list(self._open):
+            self._finish(split)
+        index = {
+            "schema_version": SCHEMA_VERSION,
+            "dataset": self.dataset,
+            "splits": {
+                split: {"count": sum(s["count"] for s in shards), "shards": shards}
+                for split, shards in sorted(self._done.items())
+            },
+            **(extra or {}),
+        }
+        return write_json(self.out_dir / INDEX_FILE, index)
+
+
+@dataclass(frozen=True)
+class CorpusIndex:
+    root: Path
+    data: dict[str, Any]
+
+    @classmethod
+    def load(cls, root: str | Path) -> "CorpusIndex":
+        root = Path(root)
+        path = root / INDEX_FILE
+        if not path.is_file():
+            raise AvsslError(
+                f"{path}: not a corpus (no {INDEX_FILE}); create one with `avssl data synth` or `avssl data prepare`"
+            )
+        data = read_json(path)
+        if data.get("schema_version") != SCHEMA_VERSION:
+            raise AvsslError(f"{path}: schema_version {data.get('schema_version')!r}, this avssl reads {SCHEMA_VERSION}")
+        return cls(root=root, data=data)
+
+    @property
+    def splits(self) -> list[str]:
+        return list(self.data["splits"])
+
+    def count(self, split: str) -> int:
+        return self._split(split)["count"]
+
+    def shards(self, split: str) -> list[Path]:
+        return [self.root / s["file"] for s in self._split(split)["shards"]]
+
+    def _split(self, split: str) -> dict[str, Any]:
+        if split not in self.data["splits"]:
+            raise AvsslError(f"{self.root / INDEX_FILE}: no split {split!r}; the corpus has {self.splits}")
+        return self.data["splits"][split]
+
+
+def iter_raw_samples(paths: Iterable[Path]) -> Iterator[dict[str, Any]]:
+    """Plain (non-streaming) reader: groups tar members by key, yields {"__key__", ext: bytes}."""
+    import webdataset as wds
+
+    for path in paths:
+        for sample in wds.WebDataset(str(path), shardshuffle=False, empty_check=False):
+            yield sample

@@ -1,0 +1,1 @@
+"""avssl.cluster: everything that touches Ray, DeepSpeed engines, job submission and MLflow."""

@@ -1,0 +1,39 @@
+"""The `avssl` command: help on every subcommand, clean errors for bad input."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+from avssl.cli import build_parser, main
+
+SUBCOMMANDS = [["data", "synth"], ["data", "stats"], ["data", "inspect"], ["bench", "data"], ["bench", "model"]]
+
+
+@pytest.mark.parametrize("words", [[]] + [w[:1] for w in SUBCOMMANDS] + SUBCOMMANDS, ids=lambda w: " ".join(w) or "avssl")
+def test_help_on_every_subcommand(words, capsys):
+    """`avssl ... --help` prints usage and exits 0 for the command and every subcommand."""
+    with pytest.raises(SystemExit) as exc:
+        build_parser().parse_args([*words, "--help"])
+    assert exc.value.code == 0 and "usage: avssl" in capsys.readouterr().out
+
+
+def test_bad_config_key_is_one_clear_line_not_a_traceback(tmp_path):
+    """A misspelled key exits 2 naming the file, key path and fix, with no traceback."""
+    recipe = tmp_path / "bad.yaml"
+    recipe.write_text("synth:\n  num_speakrs: 3\n")
+    proc = subprocess.run(
+        [sys.executable, "-m", "avssl.cli", "data", "synth", "--config", str(recipe), "--out", str(tmp_path / "c")],
+        capture_output=True, text=True, timeout=300,
+    )
+    assert proc.returncode == 2
+    assert "synth.num_speakrs" in proc.stderr and str(recipe) in proc.stderr.replace("\n", "")
+    assert "Traceback" not in proc.stderr + proc.stdout
+
+
+def test_missing_corpus_is_a_clear_error(tmp_path, capsys):
+    """Inspecting a folder that is not a corpus says how to make one."""
+    assert main(["data", "inspect", str(tmp_path)]) == 2
+    assert "avssl data synth" in capsys.readouterr().err
