@@ -58,22 +58,22 @@ def cmd_data_stats(args: argparse.Namespace) -> None:
 
 
 def _print_summary(summary: dict) -> None:
-    table = Table(title=f"corpus ({summary['dataset']})")
-    for col in ("split", "samples", "shards", "MB", "speakers", "hours", "modalities", "emotions", "spoof"):
-        table.add_column(col)
-    for split, s in summary["splits"].items():
-        table.add_row(
-            split,
-            str(s["samples"]),
-            str(s["shards"]),
-            f"{s['bytes'] / 2**20:.1f}",
-            str(s["speakers"]),
-            f"{s['hours']:.3f}",
-            " ".join(f"{k}:{v}" for k, v in s["modalities"].items()),
-            " ".join(f"{k}:{v}" for k, v in s["emotions"].items()),
-            " ".join(f"{k}:{v}" for k, v in s["spoof"].items()),
-        )
+    splits = summary["splits"]
+    table = Table(title=f"corpus: {summary['dataset']}")
+    for col in ("split", "samples", "shards", "MB", "speakers", "minutes", "modalities"):
+        table.add_column(col, justify="left" if col in ("split", "modalities") else "right")
+    for split, s in splits.items():
+        mods = " ".join(f"{k}:{v}" for k, v in s["modalities"].items())
+        table.add_row(split, str(s["samples"]), str(s["shards"]), f"{s['bytes'] / 2**20:.1f}", str(s["speakers"]), f"{60 * s['hours']:.1f}", mods)
     console.print(table)
+    labels = Table(title="labels per split")
+    emotions = sorted({e for s in splits.values() for e in s["emotions"]})
+    spoof = sorted({a for s in splits.values() for a in s["spoof"]}, key=lambda a: (a != "bonafide", a))
+    for col in ["split", *emotions, *spoof]:
+        labels.add_column(col, justify="left" if col == "split" else "right")
+    for split, s in splits.items():
+        labels.add_row(split, *(str(s["emotions"].get(e, 0)) for e in emotions), *(str(s["spoof"].get(a, 0)) for a in spoof))
+    console.print(labels)
     stats = summary.get("stats")
     console.print(
         f"fbank stats: mean={stats['mean']:.3f} std={stats['std']:.3f} ({stats['num_mel_bins']} bins, /{stats['norm_std_scale']:g}std)"

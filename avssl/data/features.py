@@ -35,8 +35,9 @@ class FeatureConfig(Section):
     norm_std_scale: float = Field(2.0, gt=0, description="divide by scale*std (AST/AudioMAE: 2, CAV-MAE: 1)")
     image_size: int = Field(64, ge=16, le=512, description="face frame side in pixels after resizing")
     num_frames: int = Field(4, ge=1, le=64, description="face frames sampled evenly from each crop")
-    image_mean: tuple[float, float, float] = (0.485, 0.456, 0.406)
-    image_std: tuple[float, float, float] = (0.229, 0.224, 0.225)
+    # Lists, not tuples: a resolved config must load back from YAML, which has no tuples.
+    image_mean: list[float] = Field(default_factory=lambda: [0.485, 0.456, 0.406], min_length=3, max_length=3)
+    image_std: list[float] = Field(default_factory=lambda: [0.229, 0.224, 0.225], min_length=3, max_length=3)
 
     def num_audio_frames(self, seconds: float) -> int:
         """Frames the fbank yields for `seconds` of audio (Kaldi snip_edges=True)."""
@@ -129,10 +130,9 @@ def frame_indices(num_video_frames: int, fps: float, start_s: float, seconds: fl
     return np.clip(idx, 0, num_video_frames - 1)
 
 
-def video_features(frames: np.ndarray, fps: float, start_s: float, seconds: float, cfg: FeatureConfig) -> torch.Tensor:
-    """uint8 [T, H, W, 3] -> float32 [num_frames, 3, image_size, image_size], resized and normalized."""
-    idx = frame_indices(len(frames), fps, start_s, seconds, cfg.num_frames)
-    x = torch.from_numpy(np.ascontiguousarray(frames[idx])).permute(0, 3, 1, 2).float().div_(255.0)  # (V, 3, H, W)
+def video_features(frames: np.ndarray, cfg: FeatureConfig) -> torch.Tensor:
+    """Selected frames (see `frame_indices`), uint8 [V, H, W, 3] -> float32 [V, 3, S, S], resized and normalized."""
+    x = torch.from_numpy(np.ascontiguousarray(frames)).permute(0, 3, 1, 2).float().div_(255.0)  # (V, 3, H, W)
     if x.shape[-2:] != (cfg.image_size, cfg.image_size):
         x = F.interpolate(x, size=(cfg.image_size, cfg.image_size), mode="bilinear", antialias=True, align_corners=False)
     mean = torch.tensor(cfg.image_mean).view(1, 3, 1, 1)

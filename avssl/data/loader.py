@@ -24,6 +24,7 @@ Batch layout (B samples; missing modalities are zero-filled and flagged):
 
 from __future__ import annotations
 
+import json
 import logging
 import random
 import zlib
@@ -38,9 +39,18 @@ from torch.utils.data import IterableDataset, get_worker_info
 
 from avssl import AvsslError
 from avssl.config import Section
-from avssl.data.features import FbankStats, FeatureConfig, audio_features, crop_window, load_stats, video_features
-from avssl.data.schema import EMOTIONS, SAMPLE_RATE
-from avssl.data.shards import CorpusIndex, decode_clip
+from avssl.data.features import (
+    FbankStats,
+    FeatureConfig,
+    audio_features,
+    crop_window,
+    frame_indices,
+    load_stats,
+    resample,
+    video_features,
+)
+from avssl.data.schema import EMOTIONS, SAMPLE_RATE, Meta, decode_audio, decode_video
+from avssl.data.shards import CorpusIndex
 
 log = logging.getLogger(__name__)
 
@@ -140,18 +150,29 @@ class SampleDecoder:
                 log.warning("skipping sample %s from %s: %s", sample.get("__key__"), sample.get("__url__"), exc)
 
     def example(self, sample: dict[str, Any], rng: np.random.Generator) -> dict[str, Any]:
-        clip = decode_clip(sample)
-        want_audio, want_video = "audio" in self.data.modalities, "video" in self.data.modalities
-        audio = clip.audio if want_audio else None
-        video = clip.video if want_video else None
-        if audio is None and video is None:
+        if "json" not in sample:
+            raise ValueError("sample has no json metadata")
+        meta = Meta.from_dict(json.loads(sample["json"]))
+        want_audio = "audio" in self.data.modalities and ("flac" in sample or "wav" in sample)
+        want_video = "video" in self.data.modalities and "mp4" in sample
+        if not (want_audio or want_video):
             raise ValueError(f"sample has none of the requested modalities {self.data.modalities}")
-        duration = len(audio) / SAMPLE_RATE if audio is not None else len(video) / clip.meta.fps
+        audio = None
+        if want_audio:
+            wave, sr = decode_audio(sample.get("flac") or sample["wav"])
+            if wave.size == 0:
+                raise ValueError("audio is empty")
+            audio = resample(wave, sr)
+        duration = len(audio) / SAMPLE_RATE if audio is not None else meta.duration
         start = crop_window(duration, self.data.clip_seconds, self.data.crop, rng)
+        seconds, num_frames = self.data.clip_seconds, self.features.num_frames
+        video = None
+        if want_video:
+            video, _ = decode_video(sample["mp4"], keep=lambda n, f: frame_indices(n, f, start, seconds, num_frames))
         return {
-            "audio": None if audio is None else audio_features(audio, start, self.data.clip_seconds, self.features, self.stats),
-            "video": None if video is None else video_features(video, clip.meta.fps, start, self.data.clip_seconds, self.features),
-            "meta": clip.meta.to_dict(),
+            "audio": None if audio is None else audio_features(audio, start, seconds, self.features, self.stats),
+            "video": None if video is None else video_features(video, self.features),
+            "meta": meta.to_dict(),
         }
 
 

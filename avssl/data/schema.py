@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import io
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 
@@ -118,15 +118,19 @@ def encode_video(frames: np.ndarray, fps: float, crf: int = 18) -> bytes:
     return buf.getvalue()
 
 
-def decode_video(data: bytes) -> tuple[np.ndarray, float]:
-    """Video bytes (MP4, FLV, ...) -> (uint8 [T, H, W, 3] RGB, fps)."""
+def decode_video(data: bytes, keep: Callable[[int, float], np.ndarray] | None = None) -> tuple[np.ndarray, float]:
+    """Video bytes (MP4, FLV, ...) -> (uint8 [T, H, W, 3] RGB, fps).
+
+    `keep(num_frames, fps)` may choose frame indices to return (in that order): H.264 must be
+    decoded in sequence, but only the kept frames pay for the RGB conversion.
+    """
     import av
 
     with av.open(io.BytesIO(data)) as container:
         stream = container.streams.video[0]
-        stream.thread_type = "AUTO"
         fps = float(stream.average_rate or stream.guessed_rate or 25)
-        frames = [f.to_ndarray(format="rgb24") for f in container.decode(stream)]
+        frames = list(container.decode(stream))
     if not frames:
         raise ValueError("video stream has no frames")
-    return np.stack(frames), fps
+    idx = range(len(frames)) if keep is None else keep(len(frames), fps)
+    return np.stack([frames[i].to_ndarray(format="rgb24") for i in idx]), fps
