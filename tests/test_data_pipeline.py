@@ -195,3 +195,22 @@ def test_missing_corpus_and_stats_errors(tmp_path):
         w.write(make_clip(0))
     with pytest.raises(AvsslError, match="avssl data stats"):
         StreamingLoader(DataConfig(corpus=str(tmp_path)), FEATURES)
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_resume_position_replays_the_same_batches(corpus, workers):
+    """Starting an epoch 3 batches in yields exactly batches 3.. of the uninterrupted epoch (crops included)."""
+    data = DataConfig(corpus=str(corpus), batch_size=2, num_workers=workers, clip_seconds=0.5, steps_per_epoch=6, shuffle_buffer=8)
+    full = StreamingLoader(data, FEATURES)
+    full.set_epoch(1)
+    reference = list(full)
+    resumed = StreamingLoader(data, FEATURES)
+    resumed.set_epoch(1, batches_done=3)
+    tail = list(resumed)
+    assert len(tail) == 3
+    for a, b in zip(reference[3:], tail):
+        assert [m["utterance"] for m in a["meta"]] == [m["utterance"] for m in b["meta"]]
+        assert torch.equal(a["audio"], b["audio"]) and torch.equal(a["video"], b["video"])
+    other = StreamingLoader(data, FEATURES)
+    other.set_epoch(2)
+    assert [m["utterance"] for b in other for m in b["meta"]] != [m["utterance"] for b in reference for m in b["meta"]]

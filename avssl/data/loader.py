@@ -85,6 +85,15 @@ def _seed(*parts: Any) -> int:
     return zlib.crc32(repr(parts).encode())
 
 
+def worker_role(rotation: int = 0) -> tuple[int, int]:
+    """(role, num_workers) of the current DataLoader worker. After resuming k batches into an
+    epoch the DataLoader restarts its round-robin at worker 0 while the next batch belongs to
+    worker k % W, so worker w takes the role (seeds, shards, skip count) of worker (w + k) % W."""
+    info = get_worker_info()
+    worker, num_workers = (info.id, info.num_workers) if info else (0, 1)
+    return (worker + rotation) % num_workers, num_workers
+
+
 def rank_shards(shards: list[Path], rank: int, world_size: int, resampled: bool) -> list[Path]:
     """Rank r's shards: r, r+W, ... Finite reading needs at least one shard per rank; resampled
     reading lets every rank draw from all shards when there are fewer shards than ranks."""
@@ -107,10 +116,10 @@ class ShardStream(IterableDataset):
     def __init__(self, shards: list[Path], resampled: bool, shuffle: bool, seed: int, rank: int) -> None:
         self.shards, self.resampled, self.shuffle, self.seed, self.rank = shards, resampled, shuffle, seed, rank
         self.epoch = 0
+        self.rotation = 0
 
     def __iter__(self) -> Iterator[dict[str, str]]:
-        info = get_worker_info()
-        worker, num_workers = (info.id, info.num_workers) if info else (0, 1)
+        worker, num_workers = worker_role(self.rotation)
         rng = random.Random(_seed(self.seed, self.epoch, self.rank, worker))
         if self.resampled:
             while True:
@@ -140,10 +149,11 @@ class SampleDecoder:
         return True
 
     def __call__(self, source: Iterator[dict[str, Any]]) -> Iterator[dict[str, Any]]:
-        info = get_worker_info()
-        rng = np.random.default_rng(_seed(self.data.seed, self.epoch, self.rank, info.id if info else 0, "crop"))
         for sample in source:
             try:
+                # Crop randomness depends on the sample and epoch only, not on stream position,
+                # so a resumed run that skips ahead sees exactly the crops it would have seen.
+                rng = np.random.default_rng(_seed(self.data.seed, self.epoch, sample.get("__key__")))
                 yield self.example(sample, rng)
             except Exception as exc:  # one bad sample must never end a long run
                 self.skipped += 1
@@ -203,6 +213,27 @@ def collate(examples: list[dict[str, Any]], data: DataConfig, features: FeatureC
     }
 
 
+@dataclass
+class Skipper:
+    """Pipeline stage: drops the raw samples of batches already consumed (resume), before any
+    decoding. DataLoader workers deliver batches round-robin, so of the first k batches worker w
+    produced k // W (+1 if w < k % W); roles are rotated on resume (see `worker_role`)."""
+
+    batch_size: int
+    num_workers: int
+    batches: int = 0
+
+    def __call__(self, source: Iterator[dict[str, Any]]) -> Iterator[dict[str, Any]]:
+        w = max(1, self.num_workers)
+        worker, _ = worker_role(self.batches % w)
+        todo = (self.batches // w + (1 if worker < self.batches % w else 0)) * self.batch_size
+        for sample in source:
+            if todo > 0:
+                todo -= 1
+                continue
+            yield sample
+
+
 class Batcher:
     """Pipeline stage: groups examples into batches and attaches the skip count."""
 
@@ -254,7 +285,8 @@ class StreamingLoader:
         ]
         if data.shuffle_buffer > 0:
             stages.append(wds.shuffle(data.shuffle_buffer, initial=min(64, data.shuffle_buffer), rng=random.Random(_seed(data.seed, rank))))
-        stages += [self.decoder, Batcher(self.decoder, partial=not data.resampled)]
+        self.skipper = Skipper(data.batch_size, data.num_workers)
+        stages += [self.skipper, self.decoder, Batcher(self.decoder, partial=not data.resampled)]
         self.pipeline = wds.DataPipeline(*stages)
         self.loader = torch.utils.data.DataLoader(
             self.pipeline,
@@ -265,9 +297,13 @@ class StreamingLoader:
             prefetch_factor=2 if data.num_workers > 0 else None,
         )
 
-    def set_epoch(self, epoch: int) -> None:
+    def set_epoch(self, epoch: int, batches_done: int = 0) -> None:
+        """Position the next iteration at `batches_done` batches into epoch `epoch` (resume).
+        Exact when no sample in the skipped part was corrupt."""
         self.stream.epoch = epoch
         self.decoder.epoch = epoch
+        self.skipper.batches = batches_done
+        self.stream.rotation = batches_done % max(1, self.data.num_workers)
 
     def __len__(self) -> int:
         if self.steps is None:
@@ -279,7 +315,7 @@ class StreamingLoader:
             yield from self.loader
             return
         it = iter(self.loader)
-        for _ in range(self.steps):
+        for _ in range(self.steps - self.skipper.batches):
             yield next(it)
         del it  # shuts the workers down
 
