@@ -1,0 +1,234 @@
+"""Run-config sections of the pretraining model: `ModelConfig`, `MaskingConfig`, `LossConfig`.
+
+Each is a strict `Section` (unknown keys and impossible values fail at load time with the key path)
+and `build_model(model, masking, loss)` turns the three into an `AVViTForPretraining`.
+
+Defaults and where they come from:
+- model: ViT-B/16 (`avvit_base_patch16`), SDPA attention, 2 s of 128-bin fbank (200 frames, padded by
+  the model to 208 = 13 time patches), one 224x224 face, per-modality LayerNorms (AVSiam), fixed
+  sin-cos positions (MAE), mean pooling.
+- masking: contrastive view as AVSiam (ratios {0, .2, .4, .6, .8} over sub-batches, audio in 2x2
+  time-frequency blocks, video random); reconstruction view as CAV-MAE (0.75 per modality, random
+  patches). AV-HuBERT's asymmetric 0.8 audio / 0.3 video is `reconstruction: {audio_ratios: [0.8],
+  video_ratios: [0.3]}`.
+- loss: CAV-MAE's 1.0 x reconstruction + 0.01 x contrastive, temperature 0.05 (fixed), per-patch
+  normalized targets.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Literal
+
+from pydantic import Field, field_validator, model_validator
+
+from avssl.config import ConfigError, Section
+
+from .masking import AudioMaskMode, VideoMaskMode
+from .registry import ARCHITECTURES
+
+Ratio = Annotated[float, Field(ge=0.0, lt=1.0)]
+PositiveInt = Annotated[int, Field(ge=1)]
+Probability = Annotated[float, Field(ge=0.0, lt=1.0)]
+
+
+class ModelConfig(Section):
+    """The network: an architecture from the registry plus input geometry and switches."""
+
+    arch: str = "avvit_base_patch16"
+    # Attention kernel, chosen by config alone: "triton" is registered lazily by avssl.kernels.
+    attn_implementation: Literal["eager", "sdpa", "triton"] = "sdpa"
+    audio_num_mel_bins: PositiveInt = 128
+    # Frames per clip the positional embedding is stored for (10 ms shift: 200 = 2 s). Other lengths
+    # still run: the model pads time to its patch grid and recomputes / interpolates positions.
+    audio_num_frames: PositiveInt = 200
+    audio_patch_size: PositiveInt = 16
+    # Patch strides (frequency, time) in bins/frames; smaller than the patch = overlapping (AST uses 10).
+    audio_freq_stride: PositiveInt = 16
+    audio_time_stride: PositiveInt = 16
+    video_image_size: PositiveInt = 224
+    video_num_frames: PositiveInt = 1
+    video_patch_size: PositiveInt = 16
+    separate_modality_norms: bool = True
+    pos_embed_type: Literal["sincos", "learned"] = "sincos"
+    use_cls_token: bool = False
+    # Hugging Face ViT / ViT-MAE directory to initialize the shared backbone from (None = random init).
+    init_from: str | None = None
+    # Decoder of the masked-data-modeling branch; None = the architecture's default (base: 512 x 8).
+    decoder_hidden_size: PositiveInt | None = None
+    decoder_num_hidden_layers: PositiveInt | None = None
+    decoder_num_attention_heads: PositiveInt | None = None
+    hidden_dropout: Probability = 0.0
+    attention_dropout: Probability = 0.0
+    drop_path_rate: Probability = 0.0
+    gradient_checkpointing: bool = False
+
+    @field_validator("arch")
+    @classmethod
+    def _known_arch(cls, value: str) -> str:
+        if value not in ARCHITECTURES:
+            raise ValueError(f"unknown architecture {value!r}; choose one of {', '.join(ARCHITECTURES)}")
+        return value
+
+    @model_validator(mode="after")
+    def _geometry(self) -> ModelConfig:
+        p = self.audio_patch_size
+        if self.audio_freq_stride > p or self.audio_time_stride > p:
+            raise ValueError(f"audio strides must not exceed audio_patch_size={p} (patches would leave gaps)")
+        if self.audio_num_mel_bins < p or (self.audio_num_mel_bins - p) % self.audio_freq_stride:
+            raise ValueError(
+                f"audio_num_mel_bins={self.audio_num_mel_bins} does not tile: (mel bins - audio_patch_size={p}) must be "
+                f"a non-negative multiple of audio_freq_stride={self.audio_freq_stride} (e.g. 128 bins with 16/16 or 16/8)"
+            )
+        if self.video_image_size % self.video_patch_size:
+            raise ValueError(
+                f"video_image_size={self.video_image_size} must be a multiple of video_patch_size={self.video_patch_size}"
+            )
+        if self.init_from is not None and self.pos_embed_type != "learned":
+            raise ValueError(
+                "init_from copies the image ViT's positional embedding (interpolated to the audio and video grids): "
+                "set pos_embed_type: learned"
+            )
+        width = self.decoder_hidden_size or ARCHITECTURES[self.arch].decoder_hidden_size
+        heads = self.decoder_num_attention_heads or ARCHITECTURES[self.arch].decoder_num_attention_heads
+        if width % heads or width % 4:
+            raise ValueError(
+                f"decoder width {width} must be a multiple of 4 and of the decoder head count {heads}"
+            )
+        return self
+
+
+class ViewMaskingConfig(Section):
+    """Masking of one view: ratios per modality (several = contrastive sub-batches) and the mode."""
+
+    audio_ratios: list[Ratio] = Field(min_length=1)
+    video_ratios: list[Ratio] = Field(min_length=1)
+    audio_mode: AudioMaskMode = "unstructured"
+    video_mode: VideoMaskMode = "random"
+
+
+def _contrastive_default() -> ViewMaskingConfig:
+    return ViewMaskingConfig(
+        audio_ratios=[0.0, 0.2, 0.4, 0.6, 0.8],
+        video_ratios=[0.0, 0.2, 0.4, 0.6, 0.8],
+        audio_mode="tf_block",
+        video_mode="random",
+    )
+
+
+def _reconstruction_default() -> ViewMaskingConfig:
+    return ViewMaskingConfig(audio_ratios=[0.75], video_ratios=[0.75], audio_mode="unstructured", video_mode="random")
+
+
+class MaskingConfig(Section):
+    """Asymmetric masking: a light contrastive view and a heavy reconstruction view (see masking.py)."""
+
+    contrastive: ViewMaskingConfig = Field(default_factory=_contrastive_default)
+    reconstruction: ViewMaskingConfig = Field(default_factory=_reconstruction_default)
+    # Block of the audio "tf_block" mode, in patches: (frequency, time).
+    audio_block_size: list[PositiveInt] = Field(default_factory=lambda: [2, 2], min_length=2, max_length=2)
+
+    @model_validator(mode="after")
+    def _reconstruction_masks_something(self) -> MaskingConfig:
+        view = self.reconstruction
+        if min(view.audio_ratios + view.video_ratios) <= 0.0:
+            raise ValueError("reconstruction ratios must be > 0: the reconstruction loss is computed on masked patches only")
+        return self
+
+
+class LossConfig(Section):
+    """Weights of the objectives: loss = w_rec * (w_a * rec_audio + w_v * rec_video) + w_con * contrastive."""
+
+    reconstruction_weight: Annotated[float, Field(ge=0.0)] = 1.0
+    contrastive_weight: Annotated[float, Field(ge=0.0)] = 0.01
+    audio_reconstruction_weight: Annotated[float, Field(ge=0.0)] = 1.0
+    video_reconstruction_weight: Annotated[float, Field(ge=0.0)] = 1.0
+    temperature: Annotated[float, Field(gt=0.0, le=1.0)] = 0.05
+    learn_temperature: bool = False
+    # Upper bound of the learned 1/temperature (CLIP's 100).
+    max_logit_scale: Annotated[float, Field(gt=1.0)] = 100.0
+    # Per-patch normalized pixel / fbank targets (MAE's norm_pix_loss).
+    norm_pix_loss: bool = True
+
+    @model_validator(mode="after")
+    def _something_to_learn(self) -> LossConfig:
+        if self.reconstruction_weight == 0.0 and self.contrastive_weight == 0.0:
+            raise ValueError("reconstruction_weight and contrastive_weight are both 0: nothing to train")
+        if self.temperature < 1.0 / self.max_logit_scale:
+            raise ValueError(f"temperature {self.temperature} is below 1 / max_logit_scale = {1.0 / self.max_logit_scale}")
+        return self
+
+
+def avvit_config_from_sections(model: ModelConfig, masking: MaskingConfig | None = None, loss: LossConfig | None = None):
+    """The `AVViTConfig` that `model` describes, carrying the masking and loss sections."""
+    from .registry import avvit_config
+
+    masking = masking or MaskingConfig()
+    loss = loss or LossConfig()
+    overrides = {
+        "audio_num_mel_bins": model.audio_num_mel_bins,
+        "audio_num_frames": model.audio_num_frames,
+        "audio_patch_size": model.audio_patch_size,
+        "audio_freq_stride": model.audio_freq_stride,
+        "audio_time_stride": model.audio_time_stride,
+        "video_image_size": model.video_image_size,
+        "video_num_frames": model.video_num_frames,
+        "video_patch_size": model.video_patch_size,
+        "separate_modality_norms": model.separate_modality_norms,
+        "pos_embed_type": model.pos_embed_type,
+        "use_cls_token": model.use_cls_token,
+        "hidden_dropout_prob": model.hidden_dropout,
+        "attention_probs_dropout_prob": model.attention_dropout,
+        "drop_path_rate": model.drop_path_rate,
+        "pretraining_masking": masking.model_dump(mode="json"),
+        "pretraining_loss": loss.model_dump(mode="json"),
+        "attn_implementation": model.attn_implementation,
+    }
+    if model.decoder_hidden_size is not None:
+        overrides["decoder_hidden_size"] = model.decoder_hidden_size
+        overrides["decoder_intermediate_size"] = 4 * model.decoder_hidden_size
+    if model.decoder_num_hidden_layers is not None:
+        overrides["decoder_num_hidden_layers"] = model.decoder_num_hidden_layers
+    if model.decoder_num_attention_heads is not None:
+        overrides["decoder_num_attention_heads"] = model.decoder_num_attention_heads
+    return avvit_config(model.arch, **overrides)
+
+
+def build_model(model: ModelConfig, masking: MaskingConfig | None = None, loss: LossConfig | None = None):
+    """`AVViTForPretraining` from the three sections: registry size, attention kernel, optional
+    initialization from an image ViT, gradient checkpointing. Raises ConfigError when a mask ratio
+    leaves nothing to reconstruct for the configured input size."""
+    # Imported here: modeling imports this module for MaskingConfig / LossConfig.
+    from .init_from_vit import load_vit_weights
+    from .masking import num_masked
+    from .modeling import AVViTForPretraining, ensure_attention_implementation
+
+    masking = masking or MaskingConfig()
+    loss = loss or LossConfig()
+    config = avvit_config_from_sections(model, masking, loss)
+    for modality, length, ratios in (
+        ("audio", config.num_audio_patches(), masking.reconstruction.audio_ratios),
+        ("video", config.num_video_patches(), masking.reconstruction.video_ratios),
+    ):
+        for ratio in ratios:
+            if loss.reconstruction_weight > 0 and num_masked(ratio, length) == 0:
+                raise ConfigError(
+                    f"masking.reconstruction.{modality}_ratios: {ratio} masks 0 of the {length} {modality} patches; "
+                    "raise the ratio or the input size"
+                )
+    ensure_attention_implementation(model.attn_implementation)
+    net = AVViTForPretraining(config)
+    if model.init_from is not None:
+        load_vit_weights(net.avvit, model.init_from)
+    if model.gradient_checkpointing:
+        net.activation_checkpointing_enable()
+    return net
+
+
+__all__ = [
+    "LossConfig",
+    "MaskingConfig",
+    "ModelConfig",
+    "ViewMaskingConfig",
+    "avvit_config_from_sections",
+    "build_model",
+]
