@@ -15,3 +15,17 @@ class AvsslError(Exception):
     """An error caused by the user's input (a config key, a file, a line): the CLI prints its
     message without a traceback and exits with status 2. The message says what is wrong, where,
     and what to do."""
+
+
+def _extend_path_in_source_checkout() -> None:
+    """In a plain source tree (a Ray job's uploaded working_dir, PYTHONPATH=.) the folders beside
+    `avssl/` are not mapped by an install: let `avssl.kernels` etc. resolve to them. An installed
+    wheel has no pyproject.toml beside it, so this never applies there."""
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent
+    if (root / "pyproject.toml").is_file() and (root / "kernels" / "__init__.py").is_file() and str(root) not in __path__:
+        __path__.append(str(root))
+
+
+_extend_path_in_source_checkout()

@@ -97,6 +97,67 @@ def cmd_data_inspect(args: argparse.Namespace) -> None:
     console.print(f"sample picture: {path}")
 
 
+# ----------------------------------------------------------------------------- pretrain
+
+
+def cmd_pretrain(args: argparse.Namespace) -> None:
+    from avssl.cluster.config import PretrainRecipe
+    from avssl.cluster.launch import result_summary, run_pretraining
+    from avssl.config import load_config
+
+    recipe = load_config(PretrainRecipe, args.config, args.overrides)
+    result = run_pretraining(recipe, address=args.address)
+    console.print(result_summary(result), highlight=False)
+    if result.status == "PREEMPTED":
+        raise SystemExit(143)
+
+
+def cmd_export(args: argparse.Namespace) -> None:
+    from avssl.cluster.export import export_release, latest_checkpoint, run_recipe
+
+    checkpoint = latest_checkpoint(Path(args.run))
+    out = export_release(checkpoint, Path(args.out), run_recipe(checkpoint))
+    console.print(f"[green]released[/green] {checkpoint} -> {out}")
+
+
+# ----------------------------------------------------------------------------- cluster jobs
+
+
+def cmd_submit(args: argparse.Namespace) -> None:
+    from avssl.cluster import submit as jobs
+
+    job_id = jobs.submit(args.address, args.command_name, Path(args.config), args.overrides, token=args.token, pip=args.pip)
+    console.print(f"submitted job [bold]{job_id}[/bold] to {args.address}")
+    print(job_id)
+    if args.wait:
+        status = jobs.wait(args.address, job_id, token=args.token, echo=lambda text: console.out(text, end="", highlight=False))
+        console.print(f"job {job_id}: {status}")
+        if status != "SUCCEEDED":
+            raise SystemExit(1)
+
+
+def cmd_jobs(args: argparse.Namespace) -> None:
+    from avssl.cluster import submit as jobs
+
+    if args.action == "list":
+        table = Table(title=f"jobs on {args.address}")
+        for col in ("job id", "status", "entrypoint"):
+            table.add_column(col)
+        for row in jobs.list_jobs(args.address, args.token):
+            table.add_row(row["job_id"], row["status"], row["entrypoint"])
+        console.print(table)
+        return
+    if not args.job_id:
+        raise AvsslError(f"`avssl jobs {args.action}` needs a JOB_ID (see `avssl jobs list`)")
+    if args.action == "status":
+        print(jobs.job_status(args.address, args.job_id, args.token))
+    elif args.action == "logs":
+        console.out(jobs.job_logs(args.address, args.job_id, args.token), highlight=False)
+    elif args.action == "stop":
+        stopped = jobs.stop_job(args.address, args.job_id, args.token)
+        console.print(f"job {args.job_id}: {'stop requested' if stopped else 'already finished'}")
+
+
 # ----------------------------------------------------------------------------- bench
 
 
@@ -148,6 +209,36 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--split", default="train")
     p.add_argument("--plot", default=None, help="where to write the sample picture (default: CORPUS/inspect.png)")
     p.set_defaults(func=cmd_data_inspect)
+
+    p = top.add_parser("pretrain", help="self-supervised pretraining on Ray + DeepSpeed (local Ray by default)")
+    _add_config_args(p, "configs/pretrain/demo.yaml")
+    p.add_argument("--address", default=None, help="Ray cluster address (default: RAY_ADDRESS, else a local instance)")
+    p.set_defaults(func=cmd_pretrain)
+
+    p = top.add_parser("export", help="consolidate a run's checkpoint into a Hugging Face-format release")
+    p.add_argument("run", help="run directory (storage_path/name) or one checkpoint_* directory in it")
+    p.add_argument("--out", required=True, help="release directory to write")
+    p.set_defaults(func=cmd_export)
+
+    def _ray_args(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--address", default=os.environ.get("RAY_API_SERVER_ADDRESS") or "http://127.0.0.1:8265",
+                       help="Ray dashboard address of the cluster (default: http://127.0.0.1:8265)")
+        p.add_argument("--token", default=None, help="Ray auth token (default: RAY_AUTH_TOKEN / ~/.ray/auth_token)")
+
+    p = top.add_parser("submit", help="submit pretraining or finetuning to a Ray cluster as a job")
+    p.add_argument("command_name", nargs="?", default="pretrain", choices=["pretrain", "finetune"], metavar="COMMAND",
+                   help="pretrain (default) or finetune")
+    _add_config_args(p, "configs/pretrain/demo.yaml")
+    _ray_args(p)
+    p.add_argument("--pip", action="append", default=[], help="extra pip requirement for the job's environment")
+    p.add_argument("--wait", action="store_true", help="follow the logs until the job ends")
+    p.set_defaults(func=cmd_submit)
+
+    p = top.add_parser("jobs", help="list, inspect and stop submitted jobs")
+    p.add_argument("action", choices=["list", "status", "logs", "stop"])
+    p.add_argument("job_id", nargs="?", default=None)
+    _ray_args(p)
+    p.set_defaults(func=cmd_jobs)
 
     bench = top.add_parser("bench", help="benchmarks that print ratios against a baseline run alongside").add_subparsers(
         dest="bench_command", required=True, metavar="SUBCOMMAND"

@@ -1,0 +1,117 @@
+"""Config sections owned by the cluster layer: optimizer, DeepSpeed, Ray trainer, MLflow.
+
+`PretrainRecipe` composes them with the data, feature and model sections into one run recipe
+(`configs/pretrain/*.yaml`). Values derived from several sections (world size, effective batch,
+absolute learning rate) are computed once in `derive()` and logged with the run.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import Field, model_validator
+
+from avssl.config import Section
+from avssl.data.features import FeatureConfig
+from avssl.data.loader import DataConfig
+from avssl.pretrain.config import LossConfig, MaskingConfig, ModelConfig
+
+
+class OptimConfig(Section):
+    """AdamW with linear warmup and cosine decay (MAE's recipe)."""
+
+    base_lr: float = Field(1.5e-4, gt=0, description="learning rate per 256 samples; absolute lr = base_lr x batch / 256")
+    weight_decay: float = Field(0.05, ge=0)
+    betas: list[float] = Field(default_factory=lambda: [0.9, 0.95], min_length=2, max_length=2)
+    eps: float = Field(1e-8, gt=0)
+    warmup_steps: int = Field(100, ge=0)
+    min_lr_ratio: float = Field(0.0, ge=0, le=1, description="cosine floor as a fraction of the peak lr")
+    grad_clip: float = Field(1.0, ge=0, description="max global grad norm (0: off)")
+
+
+class DeepSpeedConfig(Section):
+    """Engine settings; the DeepSpeed JSON is generated from these (cluster/engine.py)."""
+
+    zero_stage: Literal[0, 1, 2, 3] = 1
+    precision: Literal["auto", "bf16", "fp32"] = Field("auto", description="auto: bf16 on GPU, fp32 on CPU")
+    grad_accum: int = Field(1, ge=1)
+    activation_checkpointing: bool = False
+
+
+class TrainerConfig(Section):
+    """Ray Train workers, the step loop, checkpoints."""
+
+    name: str = Field("demo", min_length=1, description="run name: the same name resumes the run")
+    storage_path: str = Field("runs", description="checkpoints and run state (shared storage on multi-node clusters)")
+    num_workers: int = Field(2, ge=1, description="training workers (ranks), or the maximum when elastic")
+    min_workers: int | None = Field(None, ge=1, description="set for elastic training: (min_workers, num_workers)")
+    cpus_per_worker: float = Field(1.0, gt=0)
+    gpus_per_worker: float = Field(0.0, ge=0, description="0: CPU training with gloo")
+    max_failures: int = Field(3, ge=-1, description="worker-group restarts from the last checkpoint (-1: forever)")
+    total_steps: int = Field(200, ge=1)
+    log_every: int = Field(10, ge=1)
+    checkpoint_every: int = Field(50, ge=1)
+    keep_checkpoints: int = Field(3, ge=1)
+    seed: int = 0
+    export: bool = Field(True, description="write a released checkpoint directory at the end")
+
+    @model_validator(mode="after")
+    def _elastic(self) -> "TrainerConfig":
+        if self.min_workers is not None and self.min_workers > self.num_workers:
+            raise ValueError(f"min_workers ({self.min_workers}) must be <= num_workers ({self.num_workers})")
+        return self
+
+
+class MlflowConfig(Section):
+    """Tracking: MLFLOW_TRACKING_URI or tracking_uri; default a SQLite store next to the runs."""
+
+    tracking_uri: str | None = None
+    experiment: str = "avssl-pretrain"
+    run_name: str | None = Field(None, description="default: trainer.name")
+    tags: dict[str, str] = Field(default_factory=dict)
+    register_model: str | None = Field(None, description="register the released checkpoint under this name")
+    retries: int = Field(3, ge=0, description="attempts per call before a metric batch is dropped")
+    timeout_s: float = Field(10.0, gt=0, description="HTTP timeout per tracking call")
+
+
+class PretrainRecipe(Section):
+    """`configs/pretrain/*.yaml`: everything one pretraining run needs."""
+
+    data: DataConfig = Field(default_factory=DataConfig)
+    features: FeatureConfig = Field(default_factory=FeatureConfig)
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    masking: MaskingConfig = Field(default_factory=MaskingConfig)
+    loss: LossConfig = Field(default_factory=LossConfig)
+    optim: OptimConfig = Field(default_factory=OptimConfig)
+    deepspeed: DeepSpeedConfig = Field(default_factory=DeepSpeedConfig)
+    trainer: TrainerConfig = Field(default_factory=TrainerConfig)
+    mlflow: MlflowConfig = Field(default_factory=MlflowConfig)
+
+    @model_validator(mode="after")
+    def _inputs_match_model(self) -> "PretrainRecipe":
+        """The model's input geometry must be what the data pipeline produces."""
+        f, m = self.features, self.model
+        frames = f.num_audio_frames(self.data.clip_seconds)
+        pairs = [
+            ("model.audio_num_mel_bins", m.audio_num_mel_bins, "features.num_mel_bins", f.num_mel_bins),
+            ("model.video_image_size", m.video_image_size, "features.image_size", f.image_size),
+            ("model.video_num_frames", m.video_num_frames, "features.num_frames", f.num_frames),
+            ("model.audio_num_frames", m.audio_num_frames, f"frames in data.clip_seconds={self.data.clip_seconds}", frames),
+        ]
+        for key, got, source, want in pairs:
+            if got != want:
+                raise ValueError(f"{key}={got} does not match {source}={want}; set {key}={want}")
+        return self
+
+
+def derive(recipe: PretrainRecipe, world_size: int) -> dict[str, Any]:
+    """Values computed from several sections, once (MAE's main_pretrain.py): log them with the run."""
+    micro = recipe.data.batch_size
+    effective = micro * recipe.deepspeed.grad_accum * world_size
+    return {
+        "world_size": world_size,
+        "micro_batch_per_rank": micro,
+        "effective_batch": effective,
+        "absolute_lr": recipe.optim.base_lr * effective / 256,
+        "steps_per_epoch": recipe.data.steps_per_epoch,
+    }

@@ -1,0 +1,135 @@
+"""Released checkpoints: DeepSpeed (ZeRO) shards -> a Hugging Face-format directory.
+
+A release holds the backbone (`AVViTModel`) as safetensors with its config, the feature
+settings needed to reproduce its inputs (`avssl_features.json`: filterbank parameters,
+normalization statistics, clip length, image size), and a model card (`README.md`) with the
+training config and final metrics. It loads with `AVViTModel.from_pretrained` (and `AutoModel`
+once avssl is imported) and loading never unpickles: weights are safetensors only. The decoder
+used for masked data modeling is not released; continue pretraining from the DeepSpeed
+checkpoint instead.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from avssl import AvsslError
+from avssl.cluster.config import PretrainRecipe
+from avssl.config import load_config, to_yaml
+
+FEATURES_FILE = "avssl_features.json"
+RUN_CONFIG = "config.yaml"  # in <storage>/<name>/avssl/
+
+
+def consolidated_state_dict(checkpoint_dir: Path, tag: str = "ds") -> dict[str, torch.Tensor]:
+    """fp32 weights from a DeepSpeed checkpoint of any ZeRO stage (zero_to_fp32 for 1-3)."""
+    tag_dir = checkpoint_dir / tag
+    if not tag_dir.is_dir():
+        raise AvsslError(f"{checkpoint_dir}: no DeepSpeed checkpoint (expected a {tag}/ folder)")
+    if any(tag_dir.glob("*optim_states.pt")) and any(tag_dir.glob("zero_pp_rank_*")):
+        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+        return get_fp32_state_dict_from_zero_checkpoint(str(checkpoint_dir), tag=tag)
+    # ZeRO-0: rank 0's model file holds the full module (our own run's file, not user input).
+    states = torch.load(tag_dir / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False)
+    return {k: v.float() for k, v in states["module"].items()}
+
+
+def latest_checkpoint(run_or_checkpoint: Path) -> Path:
+    """A run directory (its newest checkpoint_*) or a checkpoint directory itself."""
+    p = Path(run_or_checkpoint)
+    if (p / "ds").is_dir():
+        return p
+    found = sorted(p.glob("checkpoint_*"))
+    found = [c for c in found if (c / "ds").is_dir()]
+    if not found:
+        raise AvsslError(f"{p}: neither a run directory with checkpoint_* folders nor a checkpoint")
+    return found[-1]
+
+
+def run_recipe(checkpoint: Path) -> PretrainRecipe:
+    """The resolved recipe saved with the run (<run>/avssl/config.yaml)."""
+    path = checkpoint.parent / "avssl" / RUN_CONFIG
+    if not path.is_file():
+        raise AvsslError(f"{path}: the run's resolved config is missing; pass the run directory of an avssl run")
+    return load_config(PretrainRecipe, path)
+
+
+def export_release(checkpoint: Path, out: Path, recipe: PretrainRecipe, metrics: dict[str, Any] | None = None) -> Path:
+    """Write the release directory atomically (built beside `out`, then renamed)."""
+    from avssl.data.features import load_stats
+    from avssl.pretrain.config import build_model
+
+    checkpoint, out = Path(checkpoint), Path(out)
+    model = build_model(recipe.model, recipe.masking, recipe.loss)
+    missing, unexpected = model.load_state_dict(consolidated_state_dict(checkpoint), strict=False)
+    # Frozen parameters (the fixed sin-cos position tables) are not in ZeRO's consolidated
+    # weights; they are a function of the config, so the freshly built model's values are right.
+    frozen = {name for name, p in model.named_parameters() if not p.requires_grad}
+    missing = [k for k in missing if k not in frozen]
+    if missing or unexpected:
+        raise AvsslError(f"{checkpoint}: weights do not fit the recipe's model (missing {missing[:3]}, unexpected {unexpected[:3]})")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        model.avvit.save_pretrained(tmp, safe_serialization=True)
+        try:
+            stats = load_stats(Path(recipe.data.corpus)).model_dump()
+        except AvsslError:
+            stats = None
+        features = {
+            "features": recipe.features.model_dump(mode="json"),
+            "fbank_stats": stats,
+            "clip_seconds": recipe.data.clip_seconds,
+            "modalities": recipe.data.modalities,
+        }
+        (tmp / FEATURES_FILE).write_text(json.dumps(features, indent=2))
+        (tmp / "README.md").write_text(model_card(recipe, checkpoint, metrics or {}))
+        if out.exists():
+            shutil.rmtree(out)
+        tmp.rename(out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
+
+
+def model_card(recipe: PretrainRecipe, checkpoint: Path, metrics: dict[str, Any]) -> str:
+    rows = "\n".join(f"| {k} | {v:.6g} |" if isinstance(v, float) else f"| {k} | {v} |" for k, v in sorted(metrics.items()))
+    return f"""---
+library_name: transformers
+tags: [avssl, audio-visual, self-supervised, speech]
+---
+# {recipe.trainer.name}: avssl audio-visual ViT ({recipe.model.arch})
+
+One ViT backbone shared by audio (log-mel filterbank) and video (face frames), pretrained
+without labels by contrastive learning with asymmetric masking plus masked data modeling.
+
+```python
+import avssl.pretrain  # registers the avvit model type with transformers
+from transformers import AutoModel
+model = AutoModel.from_pretrained("path/to/this/folder")
+```
+
+Inputs must be made as in training: see `{FEATURES_FILE}` (fbank settings, normalization
+statistics, clip length, face size).
+
+Exported from `{checkpoint}`.
+
+## Final metrics
+
+| metric | value |
+| --- | --- |
+{rows}
+
+## Training config
+
+```yaml
+{to_yaml(recipe)}```
+"""

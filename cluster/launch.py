@@ -1,0 +1,285 @@
+"""The driver of a pretraining run: Ray cluster, storage checks, MLflow run, TorchTrainer, release.
+
+`run_pretraining(recipe)` is what `avssl pretrain` and a submitted Ray job execute. With no
+address it starts a local Ray instance; with `address` (or RAY_ADDRESS) it joins a cluster.
+Re-running with the same `trainer.name` and `trainer.storage_path` resumes from the newest
+checkpoint (Ray Train V2 finds it) and continues the same MLflow run.
+
+SIGTERM to this process (preemption of the job's entry point, `avssl jobs stop`) writes the
+run's STOP file: the workers checkpoint at their next log step and exit; re-running resumes.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import platform
+import signal
+import subprocess
+import time
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from avssl import AvsslError
+from avssl.cluster.config import PretrainRecipe, derive
+from avssl.cluster.export import RUN_CONFIG, export_release
+from avssl.cluster.train import train_func
+from avssl.cluster.tracking import MlflowLogger, open_run, resolve_tracking_uri
+from avssl.config import flatten, save_resolved
+
+log = logging.getLogger("avssl.launch")
+
+REMOTE_SCHEMES = ("s3://", "gs://", "gcs://", "abfs://", "hdfs://", "az://")
+
+
+@dataclass
+class RunResult:
+    status: str  # FINISHED or PREEMPTED
+    run_dir: Path
+    checkpoint: Path | None
+    release: Path | None
+    mlflow_run_id: str | None
+    tracking_uri: str
+    metrics: dict[str, Any]
+
+
+def init_ray(address: str | None) -> None:
+    import ray
+
+    address = address or os.environ.get("RAY_ADDRESS")
+    if ray.is_initialized():
+        return
+    if address:
+        ray.init(address=address, log_to_driver=True)
+    else:  # the embedded default: a private local instance
+        ray.init(include_dashboard=False, log_to_driver=True)
+
+
+def check_shared_storage(storage: Path) -> None:
+    """On a multi-node cluster every node must see the same storage_path: write a marker here
+    and look for it from a task pinned to each node."""
+    import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    nodes = [n for n in ray.nodes() if n["Alive"]]
+    if len(nodes) <= 1 or str(storage).startswith(REMOTE_SCHEMES):
+        return
+    marker = storage / f".avssl-shared-{uuid.uuid4().hex}"
+    marker.write_text("shared storage check")
+
+    @ray.remote(num_cpus=0)
+    def sees(path: str) -> tuple[str, bool]:
+        return ray.get_runtime_context().get_node_id(), Path(path).exists()
+
+    try:
+        checks = ray.get([
+            sees.options(scheduling_strategy=NodeAffinitySchedulingStrategy(n["NodeID"], soft=False)).remote(str(marker))
+            for n in nodes
+        ], timeout=120)
+    finally:
+        marker.unlink(missing_ok=True)
+    blind = [node for node, ok in checks if not ok]
+    if blind:
+        raise AvsslError(
+            f"trainer.storage_path={storage} is not shared: {len(blind)} of {len(nodes)} nodes cannot see it. "
+            "Multi-node checkpoints need shared storage: mount the same NFS path on every node or use "
+            "an object store URI (s3://bucket/runs)."
+        )
+    log.info("storage %s is shared by all %d nodes", storage, len(nodes))
+
+
+def _git_commit() -> str:
+    try:
+        return subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5,
+                              cwd=Path(__file__).parent).stdout.strip() or "unknown"
+    except Exception:
+        return "unknown"
+
+
+def environment_params() -> dict[str, str]:
+    import importlib.metadata as md
+
+    import torch
+
+    versions = {}
+    for dist in ("avssl", "torch", "deepspeed", "ray", "transformers", "triton", "webdataset", "mlflow"):
+        try:
+            versions[f"version.{dist}"] = md.version(dist)
+        except md.PackageNotFoundError:
+            versions[f"version.{dist}"] = "absent"
+    device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else f"cpu ({platform.processor() or platform.machine()})"
+    return {**versions, "git_commit": _git_commit(), "driver_device": device, "python": platform.python_version()}
+
+
+class StopOnSigterm:
+    """While active, SIGTERM writes the STOP file instead of killing the driver."""
+
+    def __init__(self, stop_file: Path) -> None:
+        self.stop_file = stop_file
+        self.previous = None
+
+    def __enter__(self) -> "StopOnSigterm":
+        try:
+            self.previous = signal.signal(signal.SIGTERM, self._handler)
+        except ValueError:  # driver not in the main thread (tests calling from threads)
+            self.previous = None
+        return self
+
+    def _handler(self, signum, frame) -> None:
+        log.warning("SIGTERM: asking the workers to checkpoint and stop (%s)", self.stop_file)
+        self.stop_file.write_text(str(time.time()))
+
+    def __exit__(self, *exc) -> None:
+        if self.previous is not None:
+            signal.signal(signal.SIGTERM, self.previous)
+
+
+def plot_loss_curves(uri: str, run_id: str, out: Path) -> Path | None:
+    """Loss components against step from the run's MLflow history, as a PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(uri)
+    fig, ax = plt.subplots(figsize=(8, 4.5))
+    plotted = False
+    for key in ("loss", "loss_reconstruction", "loss_contrastive"):
+        hist = sorted({m.step: m.value for m in client.get_metric_history(run_id, key)}.items())
+        if hist:
+            ax.plot(*zip(*hist), label=key, marker=".")
+            plotted = True
+    if not plotted:
+        plt.close(fig)
+        return None
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("loss")
+    ax.set_yscale("log")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(out, dpi=100)
+    plt.close(fig)
+    return out
+
+
+def check_corpus(recipe: PretrainRecipe) -> PretrainRecipe:
+    """Fail before starting any worker if the corpus or its statistics are missing, and pass
+    workers an absolute path (Ray workers run in their own working directory)."""
+    from avssl.data.features import load_stats
+    from avssl.data.shards import CorpusIndex
+
+    corpus = Path(recipe.data.corpus).resolve()
+    CorpusIndex.load(corpus).count(recipe.data.split)
+    load_stats(corpus).check_matches(recipe.features, str(corpus / "stats.json"))
+    return recipe.model_copy(update={"data": recipe.data.model_copy(update={"corpus": str(corpus)})})
+
+
+def run_pretraining(recipe: PretrainRecipe, address: str | None = None) -> RunResult:
+    import ray.train
+    from ray.train.torch import TorchTrainer
+
+    recipe = check_corpus(recipe)
+    t = recipe.trainer
+    storage = t.storage_path if t.storage_path.startswith(REMOTE_SCHEMES) else str(Path(t.storage_path).resolve())
+    if not storage.startswith(REMOTE_SCHEMES):
+        Path(storage).mkdir(parents=True, exist_ok=True)
+    init_ray(address)
+    if not storage.startswith(REMOTE_SCHEMES):
+        check_shared_storage(Path(storage))
+    run_dir = Path(storage) / t.name
+    control = run_dir / "avssl"
+    control.mkdir(parents=True, exist_ok=True)
+    for marker in ("STOP", "PREEMPTED"):
+        (control / marker).unlink(missing_ok=True)
+    save_resolved(recipe, control / RUN_CONFIG)
+
+    uri = resolve_tracking_uri(recipe.mlflow, storage)
+    run_id = None
+    for attempt in range(recipe.mlflow.retries + 1):
+        try:
+            run_id = open_run(recipe.mlflow, uri, t.name, storage)
+            break
+        except Exception as exc:
+            log.warning("MLflow at %s unavailable (%s)%s", uri, exc, "; retrying" if attempt < recipe.mlflow.retries else
+                        "; this run goes on untracked")
+            time.sleep(min(10, 2**attempt))
+    tracker = MlflowLogger(uri, run_id, recipe.mlflow) if run_id else None
+    world = t.num_workers
+    derived = derive(recipe, world)
+    if tracker:
+        tracker.log_params({**flatten(recipe), **{f"derived.{k}": v for k, v in derived.items()}, **environment_params()})
+        tracker.log_artifact(control / RUN_CONFIG)
+    log.info("run %s: %d workers, effective batch %d, absolute lr %.4g, MLflow %s (run %s)",
+             t.name, world, derived["effective_batch"], derived["absolute_lr"], uri, run_id)
+
+    scaling = ray.train.ScalingConfig(
+        num_workers=(t.min_workers, t.num_workers) if t.min_workers else t.num_workers,
+        use_gpu=t.gpus_per_worker > 0,
+        resources_per_worker={"CPU": t.cpus_per_worker, **({"GPU": t.gpus_per_worker} if t.gpus_per_worker else {})},
+    )
+    run_config = ray.train.RunConfig(
+        name=t.name,
+        storage_path=storage,
+        failure_config=ray.train.FailureConfig(max_failures=t.max_failures),
+        checkpoint_config=ray.train.CheckpointConfig(num_to_keep=t.keep_checkpoints),
+    )
+    trainer = TorchTrainer(
+        train_func,
+        train_loop_config={
+            "recipe": recipe.model_dump(mode="json"),
+            "tracking_uri": uri if run_id else None,
+            "run_id": run_id,
+            "stop_file": str(control / "STOP"),
+            "placement_dir": str(control / "placement"),
+        },
+        scaling_config=scaling,
+        run_config=run_config,
+    )
+    with StopOnSigterm(control / "STOP"):
+        try:
+            result = trainer.fit()
+        except Exception as exc:
+            if tracker:
+                tracker.finish(status="FAILED")
+            raise AvsslError(f"training run {t.name} failed after {t.max_failures} restarts: {exc}") from exc
+
+    metrics = dict(result.metrics or {})
+    checkpoint = Path(result.checkpoint.path) if result.checkpoint else None
+    if (control / "PREEMPTED").exists():
+        log.warning("run %s stopped at step %s on request; re-run the same command to resume", t.name, metrics.get("step"))
+        if tracker:
+            tracker.set_tags({"avssl.preempted_at_step": str(metrics.get("step"))})
+            tracker.finish(status="KILLED")
+        return RunResult("PREEMPTED", run_dir, checkpoint, None, run_id, uri, metrics)
+
+    release = None
+    if t.export and checkpoint is not None:
+        release = export_release(checkpoint, control / "release", recipe, metrics)
+        log.info("released checkpoint: %s", release)
+    if tracker:
+        plot = plot_loss_curves(uri, run_id, control / "loss_curves.png") if run_id else None
+        if plot:
+            tracker.log_artifact(plot)
+        if release:
+            tracker.log_artifact(release, "release")
+            if recipe.mlflow.register_model:
+                tracker.register(release, recipe.mlflow.register_model)
+        tracker.finish(status="FINISHED", timeout_s=120)
+    return RunResult("FINISHED", run_dir, checkpoint, release, run_id, uri, metrics)
+
+
+def result_summary(result: RunResult) -> str:
+    lines = [f"status: {result.status}", f"run directory: {result.run_dir}"]
+    if result.checkpoint:
+        lines.append(f"latest checkpoint: {result.checkpoint}")
+    if result.release:
+        lines.append(f"released checkpoint: {result.release}")
+    lines.append(f"MLflow: {result.tracking_uri} run {result.mlflow_run_id}")
+    if result.metrics:
+        lines.append("final metrics: " + json.dumps({k: round(v, 5) if isinstance(v, float) else v for k, v in result.metrics.items()}))
+    return "\n".join(lines)

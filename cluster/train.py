@@ -1,0 +1,292 @@
+"""The Ray Train worker: one rank of a DeepSpeed pretraining run.
+
+`train_func(config)` runs in every Ray Train worker. It reads only its config argument (never
+module globals): the validated recipe as plain data plus the run's shared facts (MLflow URI and
+run id, resolved by the driver). Ray has already created the process group (gloo on CPU, nccl
+on GPU); DeepSpeed is initialized here.
+
+Checkpoints: every `checkpoint_every` steps (and at the end, and on SIGTERM) all ranks write
+their DeepSpeed shards into a fresh local directory and call `ray.train.report` with it. Ray
+merges the ranks' directories into one in `storage_path/name/checkpoint_<step>`, registers it
+only after every rank has uploaded, and keeps the last K: a crash mid-save leaves the previous
+checkpoint registered and intact. Resume restores model, optimizer, LR schedule, step counter
+and data position (epoch and batches consumed, replayed exactly by the loader); masking
+randomness is re-seeded from (seed, rank, step) every step, so it needs no saved RNG state.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import resource
+import signal
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from avssl.cluster.config import PretrainRecipe, derive
+from avssl.cluster.engine import build_engine
+from avssl.cluster.tracking import make_logger
+
+log = logging.getLogger("avssl.train")
+
+STATE_FILE = "train_state.json"
+DS_TAG = "ds"
+
+
+@dataclass
+class TrainState:
+    """Everything besides the engine that resume needs (saved by rank 0 in each checkpoint)."""
+
+    step: int = 0  # optimizer steps done
+    epoch: int = 0
+    batches_in_epoch: int = 0  # micro-batches of `epoch` consumed on each rank
+    samples_seen: int = 0  # global
+    skipped_samples: int = 0  # global, corrupt or unreadable
+
+    def state_dict(self) -> dict[str, int]:
+        return asdict(self)
+
+    def load_state_dict(self, d: dict[str, int]) -> None:
+        for key, value in d.items():
+            setattr(self, key, int(value))
+
+
+class Preemption:
+    """A stop request: the run's STOP file (written by the driver when it receives SIGTERM, or by
+    `avssl jobs stop`), or SIGTERM to this process where a handler can be installed. Ray Train V2
+    runs the train function in a worker thread, where Python cannot install signal handlers, so
+    the file is the path that always works. The loop checks on log steps and all ranks agree
+    (one all-reduce they do anyway), checkpoint at the same step, then exit."""
+
+    def __init__(self, stop_file: Path | None) -> None:
+        self.stop_file = stop_file
+        self.signalled = False
+        try:
+            signal.signal(signal.SIGTERM, self._handler)
+        except ValueError:  # not the main thread: the stop file covers it
+            pass
+
+    def _handler(self, signum, frame) -> None:
+        self.signalled = True
+
+    @property
+    def requested(self) -> bool:
+        return self.signalled or (self.stop_file is not None and self.stop_file.exists())
+
+
+def _seed(*parts: Any) -> int:
+    import zlib
+
+    return zlib.crc32(repr(parts).encode())
+
+
+def _inputs(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
+    out = {k: batch[k].to(device, non_blocking=True) for k in ("audio", "has_audio", "has_video")}
+    out["video"] = batch["video"].to(device, non_blocking=True) if batch["video"] is not None else None
+    return out
+
+
+def _tokens_per_sample(model: torch.nn.Module, batch: dict[str, Any]) -> int:
+    cfg = model.config
+    fa, ta = cfg.audio_grid(batch["audio"].shape[1])
+    tokens = fa * ta
+    if batch["video"] is not None:
+        v = batch["video"]
+        gh, gw = cfg.video_grid((v.shape[-2], v.shape[-1]))
+        tokens += v.shape[1] * gh * gw
+    return tokens
+
+
+def _memory_mb(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+
+
+class MetricWindow:
+    """Loss components accumulated as tensors between log steps (no host sync per step)."""
+
+    KEYS = ("loss", "loss_reconstruction", "loss_rec_audio", "loss_rec_video", "loss_contrastive", "contrastive_accuracy")
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self.reset()
+
+    def reset(self) -> None:
+        self.sums = torch.zeros(len(self.KEYS), device=self.device, dtype=torch.float64)
+        self.micro = 0
+        self.samples = 0
+        self.tokens = 0
+        self.skipped = 0
+        self.data_s = 0.0
+        self.t0 = time.perf_counter()
+
+    def add(self, out: Any, samples: int, tokens: int, skipped: int, data_s: float) -> None:
+        vals = [getattr(out, k) for k in self.KEYS]
+        self.sums += torch.stack([(v if v is not None else torch.zeros((), device=self.device)).detach().double() for v in vals])
+        self.micro += 1
+        self.samples += samples
+        self.tokens += tokens
+        self.skipped += skipped
+        self.data_s += data_s
+
+    def reduce(self, world: int) -> dict[str, float]:
+        """Average losses over micro-steps and ranks; sum throughput counters over ranks."""
+        elapsed = time.perf_counter() - self.t0
+        counters = torch.tensor([self.samples, self.tokens, self.skipped, self.data_s / max(elapsed, 1e-9)],
+                                device=self.device, dtype=torch.float64)
+        packed = torch.cat([self.sums / max(1, self.micro), counters])
+        if world > 1:
+            dist.all_reduce(packed)
+        n = len(self.KEYS)
+        means = (packed[:n] / world).tolist()
+        samples, tokens, skipped, wait = packed[n:].tolist()
+        metrics = dict(zip(self.KEYS, means))
+        metrics.update({
+            "samples": samples,
+            "samples_per_s": samples / elapsed,
+            "tokens_per_s": tokens / elapsed,
+            "skipped_samples": skipped,
+            "data_wait_fraction": wait / world,
+        })
+        return metrics
+
+
+def _any_rank(flag: bool, device: torch.device, world: int) -> bool:
+    t = torch.tensor([int(flag)], device=device)
+    if world > 1:
+        dist.all_reduce(t)  # int32 sums are supported by every backend, unlike bool
+    return bool(t.item())
+
+
+def save_checkpoint(engine, state: TrainState, metrics: dict[str, float], rank: int) -> None:
+    """All ranks: DeepSpeed shards into a fresh local dir, then report it to Ray (a barrier)."""
+    import ray.train
+
+    with tempfile.TemporaryDirectory(prefix="avssl-ckpt-") as tmp:
+        engine.save_checkpoint(tmp, tag=DS_TAG)
+        if rank == 0:
+            Path(tmp, STATE_FILE).write_text(json.dumps(state.state_dict()))
+        ray.train.report(
+            {**metrics, "step": state.step},
+            checkpoint=ray.train.Checkpoint.from_directory(tmp),
+            checkpoint_dir_name=f"checkpoint_{state.step:09d}",
+        )
+
+
+def restore_checkpoint(engine, state: TrainState) -> bool:
+    import ray.train
+
+    ckpt = ray.train.get_checkpoint()
+    if ckpt is None:
+        return False
+    with ckpt.as_directory() as d:
+        engine.load_checkpoint(d, tag=DS_TAG, load_optimizer_states=True, load_lr_scheduler_states=True)
+        state.load_state_dict(json.loads(Path(d, STATE_FILE).read_text()))
+        if dist.is_initialized():
+            dist.barrier()  # keep the directory alive until every rank has read it
+    return True
+
+
+def train_func(config: dict[str, Any]) -> None:
+    """Ray Train entry point for one rank."""
+    import ray
+    import ray.train
+
+    from avssl.data.loader import StreamingLoader
+    from avssl.pretrain.config import build_model
+
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    recipe = PretrainRecipe.model_validate(config["recipe"])
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    t = recipe.trainer
+    device = torch.device("cuda", ctx.get_local_rank()) if t.gpus_per_worker > 0 else torch.device("cpu")
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+
+    torch.manual_seed(t.seed)  # identical initialization on every rank
+    model = build_model(recipe.model, recipe.masking, recipe.loss)
+    if recipe.deepspeed.activation_checkpointing:
+        model.activation_checkpointing_enable()
+    derived = derive(recipe, world)
+    engine, _, scheduler, _ = build_engine(
+        model, recipe.deepspeed, recipe.optim, micro_batch=recipe.data.batch_size, world_size=world,
+        absolute_lr=derived["absolute_lr"], total_steps=t.total_steps, device=device,
+    )
+    state = TrainState()
+    resumed = restore_checkpoint(engine, state)
+    loader = StreamingLoader(recipe.data, recipe.features, rank=rank, world_size=world)
+    logger = make_logger(rank, config.get("tracking_uri"), config.get("run_id"), recipe.mlflow)
+    if rank == 0:
+        log.info("%s at step %d/%d (world %d, effective batch %d, lr %.3g)", "resumed" if resumed else "starting",
+                 state.step, t.total_steps, world, derived["effective_batch"], derived["absolute_lr"])
+    if config.get("placement_dir"):  # where each rank ran: for users, and checked by the multi-node test
+        import socket
+
+        Path(config["placement_dir"]).mkdir(parents=True, exist_ok=True)
+        Path(config["placement_dir"], f"rank_{rank}.json").write_text(json.dumps(
+            {"rank": rank, "node_id": ray.get_runtime_context().get_node_id(),
+             "hostname": socket.gethostname(), "pid": os.getpid(), "device": str(device)}))
+    preemption = Preemption(Path(config["stop_file"]) if config.get("stop_file") else None)
+    window = MetricWindow(device)
+    grad_accum = recipe.deepspeed.grad_accum
+    loader.set_epoch(state.epoch, state.batches_in_epoch)
+    batches = iter(loader)
+    status = "FINISHED"
+    try:
+        while state.step < t.total_steps:
+            for _ in range(grad_accum):
+                t_data = time.perf_counter()
+                try:
+                    batch = next(batches)
+                except StopIteration:  # epoch boundary: same number of batches on every rank
+                    state.epoch, state.batches_in_epoch = state.epoch + 1, 0
+                    loader.set_epoch(state.epoch)
+                    batches = iter(loader)
+                    batch = next(batches)
+                data_s = time.perf_counter() - t_data
+                state.batches_in_epoch += 1
+                torch.manual_seed(_seed(t.seed, rank, state.step, state.batches_in_epoch))  # masks
+                out = engine(**_inputs(batch, device))
+                engine.backward(out.loss)
+                engine.step()
+                window.add(out, len(batch["meta"]), len(batch["meta"]) * _tokens_per_sample(model, batch), batch["skipped"], data_s)
+            state.step += 1
+            last = state.step == t.total_steps
+            if state.step % t.log_every == 0 or last or state.step % t.checkpoint_every == 0:
+                metrics = window.reduce(world)
+                state.samples_seen += int(metrics.pop("samples"))
+                metrics.update({
+                    "lr": scheduler.get_last_lr()[0],
+                    "grad_norm": float(engine.get_global_grad_norm() or 0.0),
+                    "memory_mb": _memory_mb(device),
+                    "epoch": state.epoch,
+                    "samples_seen": state.samples_seen,
+                })
+                state.skipped_samples += int(metrics["skipped_samples"])
+                logger.log_metrics(metrics, step=state.step)
+                if rank == 0:
+                    log.info("step %d/%d loss %.4f (rec %.4f con %.4f) %.1f samples/s", state.step, t.total_steps,
+                             metrics["loss"], metrics["loss_reconstruction"], metrics["loss_contrastive"], metrics["samples_per_s"])
+                window.reset()
+                stop = _any_rank(preemption.requested, device, world)
+                if state.step % t.checkpoint_every == 0 or last or stop:
+                    save_checkpoint(engine, state, metrics, rank)
+                if stop:
+                    status = "KILLED"
+                    log.warning("rank %d: SIGTERM received: checkpointed at step %d, exiting", rank, state.step)
+                    break
+    finally:
+        # Flush only: the driver closes the MLflow run when the whole job ends, so a restarted
+        # worker group (fault tolerance) keeps logging into the same run.
+        logger.finish(status=None, timeout_s=30)
+    if status == "KILLED" and rank == 0:
+        Path(config["stop_file"]).with_name("PREEMPTED").write_text(str(state.step))

@@ -1,0 +1,226 @@
+"""End to end through real Ray, DeepSpeed and MLflow on this machine (2 CPU workers, tiny model).
+
+Each test drives the real entry points (`avssl pretrain`, `avssl submit`) in subprocesses, or
+`run_pretraining` against a real multi-node `ray.cluster_utils.Cluster`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from avssl.config import load_config
+from avssl.data.corpus import CorpusRecipe, synthesize_corpus
+
+REPO = Path(__file__).resolve().parents[1]
+TINY = REPO / "configs/pretrain/tiny.yaml"
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("cluster") / "tiny"
+    synthesize_corpus(load_config(CorpusRecipe, REPO / "configs/data/tiny.yaml"), out)
+    return out
+
+
+def overrides(corpus: Path, storage: Path, name: str, *extra: str) -> list[str]:
+    items = [f"data.corpus={corpus}", f"trainer.storage_path={storage}", f"trainer.name={name}", *extra]
+    return [w for item in items for w in ("--set", item)]
+
+
+def env() -> dict[str, str]:
+    e = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "MLFLOW_TRACKING_URI")}
+    e.update(AVSSL_PROGRESS="0", PYTHONUNBUFFERED="1", RAY_DEDUP_LOGS="0")
+    return e
+
+
+def pretrain(corpus: Path, storage: Path, name: str, *extra: str, timeout: int = 420) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, "-m", "avssl.cli", "pretrain", "--config", str(TINY), *overrides(corpus, storage, name, *extra)]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env(), cwd=REPO)
+
+
+def metric_history(storage: Path, key: str, name: str, uri: str | None = None) -> dict[int, float]:
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(uri or f"sqlite:///{storage}/mlflow.db")
+    exp = client.get_experiment_by_name("avssl-tests")
+    (run,) = client.search_runs([exp.experiment_id], filter_string=f"tags.`avssl.run_name` = '{name}'")
+    return {m.step: m.value for m in client.get_metric_history(run.info.run_id, key)}
+
+
+def wait_for(predicate, timeout: float, proc: subprocess.Popen | None = None, what: str = "condition") -> None:
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        if predicate():
+            return
+        if proc is not None and proc.poll() is not None:
+            raise AssertionError(f"process ended (rc {proc.returncode}) before {what}:\n{proc.stdout.read()[-4000:]}")
+        time.sleep(0.5)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def _tail(proc) -> str:
+    return (proc.stdout or "")[-4000:] + (proc.stderr or "")[-4000:]
+
+
+def test_sigterm_checkpoints_and_resume_is_exact(corpus, tmp_path):
+    """SIGTERM makes the run checkpoint and exit; re-running resumes and the losses after resume equal an uninterrupted run's."""
+    reference = pretrain(corpus, tmp_path, "uninterrupted")
+    assert reference.returncode == 0, _tail(reference)
+
+    cmd = [sys.executable, "-m", "avssl.cli", "pretrain", "--config", str(TINY), *overrides(corpus, tmp_path, "preempted")]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env(), cwd=REPO)
+    run_dir = tmp_path / "preempted"
+    wait_for(lambda: (run_dir / "checkpoint_000000008").is_dir(), 300, proc, "the first checkpoint")
+    proc.send_signal(signal.SIGTERM)
+    out, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 143, out[-4000:]
+    stopped_at = int((run_dir / "avssl" / "PREEMPTED").read_text())
+    assert 8 < stopped_at < 24 and (run_dir / f"checkpoint_{stopped_at:09d}").is_dir()
+
+    resumed = pretrain(corpus, tmp_path, "preempted")
+    assert resumed.returncode == 0, _tail(resumed)
+    assert f"resumed at step {stopped_at}/24" in resumed.stdout + resumed.stderr
+
+    ref = metric_history(tmp_path, "loss", "uninterrupted")
+    got = metric_history(tmp_path, "loss", "preempted")
+    assert sorted(got) == sorted(ref) == list(range(4, 25, 4)), "step numbers in MLflow are not continuous"
+    for step in range(stopped_at + 4, 25, 4):
+        assert got[step] == pytest.approx(ref[step], rel=1e-5, abs=1e-6), f"step {step} differs after resume"
+    assert (run_dir / "avssl" / "release" / "model.safetensors").is_file()
+
+
+def _train_worker_pids() -> list[int]:
+    out = subprocess.run(["ps", "-eo", "pid,args"], capture_output=True, text=True).stdout
+    return [int(line.split()[0]) for line in out.splitlines() if "RayTrainWorker" in line and "ray::" in line]
+
+
+def test_killed_worker_restarts_from_checkpoint(corpus, tmp_path):
+    """Killing one worker process mid-run: Ray restarts the group from the last checkpoint and the run finishes with continuous steps."""
+    cmd = [sys.executable, "-m", "avssl.cli", "pretrain", "--config", str(TINY),
+           *overrides(corpus, tmp_path, "faulty", "trainer.max_failures=2", "mlflow.register_model=avssl-tiny")]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env(), cwd=REPO)
+    wait_for(lambda: (tmp_path / "faulty" / "checkpoint_000000008").is_dir(), 300, proc, "the first checkpoint")
+    pids = _train_worker_pids()
+    assert pids, "no Ray Train worker process found"
+    os.kill(pids[-1], signal.SIGKILL)
+    out, _ = proc.communicate(timeout=400)
+    assert proc.returncode == 0, out[-4000:]
+    assert "resumed at step" in out
+    steps = metric_history(tmp_path, "loss", "faulty")
+    assert sorted(steps) == list(range(4, 25, 4))
+
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
+    run = client.search_runs([client.get_experiment_by_name("avssl-tests").experiment_id])[0]
+    assert run.info.status == "FINISHED"
+    artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
+    assert {"config.yaml", "loss_curves.png", "release"} <= artifacts
+    assert {"derived.effective_batch", "version.torch", "git_commit", "model.arch"} <= set(run.data.params)
+    assert {"loss_contrastive", "lr", "grad_norm", "samples_per_s", "tokens_per_s", "data_wait_fraction",
+            "skipped_samples", "memory_mb"} <= set(run.data.metrics)
+    versions = client.search_model_versions("name='avssl-tiny'")
+    assert versions and versions[0].run_id == run.info.run_id
+
+
+def test_multinode_cluster_places_workers_on_both_nodes(corpus, tmp_path):
+    """On a simulated two-node cluster the two ranks land on different nodes, storage is checked shared, and training finishes."""
+    import ray
+    from ray.cluster_utils import Cluster
+
+    from avssl.cluster.config import PretrainRecipe
+    from avssl.cluster.launch import run_pretraining
+
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1})
+    cluster.add_node(num_cpus=1)
+    cluster.wait_for_nodes()
+    try:
+        recipe = load_config(PretrainRecipe, TINY, [
+            f"data.corpus={corpus}", f"trainer.storage_path={tmp_path}", "trainer.name=multinode", "trainer.total_steps=8",
+            "trainer.export=false",
+        ])
+        result = run_pretraining(recipe, address=cluster.address)
+        assert result.status == "FINISHED" and result.metrics["step"] == 8
+        placements = [json.loads(p.read_text()) for p in sorted((tmp_path / "multinode/avssl/placement").glob("rank_*.json"))]
+        assert [p["rank"] for p in placements] == [0, 1]
+        assert len({p["node_id"] for p in placements}) == 2, placements
+    finally:
+        ray.shutdown()
+        cluster.shutdown()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _wait_http(url: str, timeout: float) -> None:
+    import urllib.request
+
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        try:
+            urllib.request.urlopen(url, timeout=2)
+            return
+        except Exception as exc:  # 401 from an auth-protected server also means it is up
+            if getattr(exc, "code", None) in (401, 403):
+                return
+            time.sleep(1)
+    raise AssertionError(f"{url} did not come up")
+
+
+def test_submit_to_token_authenticated_head_with_mlflow_server(corpus, tmp_path):
+    """`avssl submit` runs the job on a real Ray head (token auth) and the run lands in a real MLflow server."""
+    bindir = Path(sys.executable).parent
+    token = secrets.token_hex(16)
+    mlflow_port, dash_port, gcs_port = _free_port(), _free_port(), _free_port()
+    base = env()
+    base["PATH"] = f"{bindir}{os.pathsep}{base.get('PATH', '')}"  # as with an activated virtualenv: the job's `python`
+    mlflow = subprocess.Popen(
+        [str(bindir / "mlflow"), "server", "--host", "127.0.0.1", "--port", str(mlflow_port), "--workers", "1",
+         "--backend-store-uri", f"sqlite:///{tmp_path}/server.db", "--artifacts-destination", str(tmp_path / "artifacts")],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=base, start_new_session=True,
+    )
+    head_env = {**base, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": token}
+    started = subprocess.run(
+        [str(bindir / "ray"), "start", "--head", "--port", str(gcs_port), "--num-cpus", "2", "--include-dashboard", "true",
+         "--dashboard-host", "127.0.0.1", "--dashboard-port", str(dash_port), "--disable-usage-stats"],
+        capture_output=True, text=True, env=head_env, timeout=180,
+    )
+    address = f"http://127.0.0.1:{dash_port}"
+    uri = f"http://127.0.0.1:{mlflow_port}"
+    try:
+        assert started.returncode == 0, started.stdout + started.stderr
+        _wait_http(f"{address}/api/version", 120)
+        _wait_http(uri, 120)
+        sub = [sys.executable, "-m", "avssl.cli", "submit", "--address", address, "--config", str(TINY),
+               *overrides(corpus, tmp_path, "submitted", "trainer.total_steps=8", f"mlflow.tracking_uri={uri}")]
+        denied = subprocess.run(sub, capture_output=True, text=True, timeout=120, env={**base, "RAY_AUTH_MODE": "token", "HOME": str(tmp_path)})
+        assert denied.returncode == 2 and "Traceback" not in denied.stderr, denied.stderr[-2000:]
+        done = subprocess.run([*sub, "--token", token, "--wait"], capture_output=True, text=True, timeout=420, env=base)
+        assert done.returncode == 0, _tail(done)
+        job_id = done.stdout.split("submitted job ")[1].split()[0]
+        status = subprocess.run([sys.executable, "-m", "avssl.cli", "jobs", "status", job_id, "--address", address, "--token", token],
+                                capture_output=True, text=True, timeout=60, env=base)
+        assert status.stdout.strip() == "SUCCEEDED"
+        listed = subprocess.run([sys.executable, "-m", "avssl.cli", "jobs", "list", "--address", address, "--token", token],
+                                capture_output=True, text=True, timeout=60, env=base)
+        assert job_id in listed.stdout
+        steps = metric_history(tmp_path, "loss", "submitted", uri=uri)
+        assert sorted(steps) == [4, 8]
+    finally:
+        subprocess.run([str(bindir / "ray"), "stop", "--force"], capture_output=True, env=head_env, timeout=120)
+        os.killpg(mlflow.pid, signal.SIGTERM)
+        mlflow.wait(timeout=30)

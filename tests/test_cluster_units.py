@@ -1,0 +1,129 @@
+"""Cluster layer without a cluster: recipes, DeepSpeed JSON, schedule, MLflow resilience, manifests."""
+
+from __future__ import annotations
+
+import math
+import socket
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from avssl.cluster.config import DeepSpeedConfig, MlflowConfig, OptimConfig, PretrainRecipe, derive
+from avssl.cluster.engine import deepspeed_config, param_groups, warmup_cosine
+from avssl.cluster.tracking import MlflowLogger, open_run, resolve_tracking_uri
+from avssl.config import ConfigError, load_config
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.parametrize("path", sorted((REPO / "configs/pretrain").glob("*.yaml")), ids=lambda p: p.name)
+def test_pretrain_recipes_validate(path):
+    """Every shipped pretraining recipe validates, and its model geometry matches its data pipeline."""
+    recipe = load_config(PretrainRecipe, path)
+    assert recipe.model.audio_num_frames == recipe.features.num_audio_frames(recipe.data.clip_seconds)
+
+
+def test_mismatched_geometry_names_the_fix():
+    """A model whose mel bins differ from the features fails at load time saying which key to set."""
+    with pytest.raises(ConfigError, match=r"model.audio_num_mel_bins=128 does not match features.num_mel_bins=64"):
+        load_config(PretrainRecipe, REPO / "configs/pretrain/tiny.yaml", ["model.audio_num_mel_bins=128"])
+
+
+def test_derived_values():
+    """Effective batch = micro x accumulation x world; absolute lr = base lr x effective / 256."""
+    recipe = load_config(PretrainRecipe, REPO / "configs/pretrain/demo.yaml", ["deepspeed.grad_accum=2"])
+    d = derive(recipe, world_size=4)
+    assert d["effective_batch"] == 16 * 2 * 4
+    assert d["absolute_lr"] == pytest.approx(2e-3 * 128 / 256)
+
+
+def test_deepspeed_json_follows_config():
+    """The generated JSON carries ZeRO stage, batch sizes, clipping, and bf16 on GPU but fp32 on CPU."""
+    ds = DeepSpeedConfig(zero_stage=2, grad_accum=3)
+    cpu = deepspeed_config(ds, OptimConfig(grad_clip=0.5), micro_batch=8, world_size=2, device=torch.device("cpu"))
+    gpu = deepspeed_config(ds, OptimConfig(), micro_batch=8, world_size=2, device=torch.device("cuda"))
+    assert cpu["zero_optimization"]["stage"] == 2 and cpu["train_batch_size"] == 48 and cpu["gradient_clipping"] == 0.5
+    assert not cpu["bf16"]["enabled"] and gpu["bf16"]["enabled"]
+    forced = deepspeed_config(DeepSpeedConfig(precision="fp32"), OptimConfig(), 8, 1, torch.device("cuda"))
+    assert not forced["bf16"]["enabled"]
+
+
+def test_warmup_cosine_schedule():
+    """Linear warmup to 1, cosine down to the floor at the last step."""
+    f = warmup_cosine(warmup_steps=10, total_steps=110, min_ratio=0.1)
+    assert f(0) == pytest.approx(0.1) and f(9) == pytest.approx(1.0)
+    assert f(60) == pytest.approx(0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * 0.5)))
+    assert f(110) == pytest.approx(0.1) and f(500) == pytest.approx(0.1)
+
+
+def test_param_groups_exclude_norms_and_biases_from_decay():
+    """Weight decay applies to matrices only; every trainable parameter is in exactly one group."""
+    model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.LayerNorm(4))
+    decay, no_decay = param_groups(model, 0.05)
+    assert [p.shape for p in decay["params"]] == [torch.Size([4, 4])] and len(no_decay["params"]) == 3
+    assert no_decay["weight_decay"] == 0.0
+
+
+def test_default_tracking_uri_is_sqlite_beside_runs(tmp_path, monkeypatch):
+    """Without config or MLFLOW_TRACKING_URI the store is SQLite in the storage path."""
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    assert resolve_tracking_uri(MlflowConfig(), tmp_path) == f"sqlite:///{tmp_path.resolve()}/mlflow.db"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://example:5000")
+    assert resolve_tracking_uri(MlflowConfig(), tmp_path) == "http://example:5000"
+    assert resolve_tracking_uri(MlflowConfig(tracking_uri="file:///x"), tmp_path) == "file:///x"
+
+
+def test_sqlite_logging_and_run_reuse(tmp_path):
+    """Metrics reach the SQLite store; opening the same run name again continues the same run."""
+    from mlflow.tracking import MlflowClient
+
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    cfg = MlflowConfig(experiment="unit")
+    run_id = open_run(cfg, uri, "r1", tmp_path)
+    logger = MlflowLogger(uri, run_id, cfg)
+    for step in (1, 2, 3):
+        logger.log_metrics({"loss": 1.0 / step}, step=step)
+    logger.log_params({"a.b": 1})
+    logger.finish(status=None)
+    assert open_run(cfg, uri, "r1", tmp_path) == run_id
+    assert open_run(cfg, uri, "r2", tmp_path) != run_id
+    hist = MlflowClient(uri).get_metric_history(run_id, "loss")
+    assert sorted(m.step for m in hist) == [1, 2, 3] and MlflowClient(uri).get_run(run_id).data.params["a.b"] == "1"
+
+
+def _closed_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_dead_tracking_server_never_blocks_or_raises():
+    """With the server down, logging returns at once, drops after retries, and finish is bounded."""
+    cfg = MlflowConfig(retries=1, timeout_s=1)
+    logger = MlflowLogger(f"http://127.0.0.1:{_closed_port()}", "0" * 32, cfg)
+    t0 = time.monotonic()
+    for step in range(50):
+        logger.log_metrics({"loss": 1.0}, step=step)
+    assert time.monotonic() - t0 < 0.5, "log_metrics waited on the network"
+    logger.finish(status="FINISHED", timeout_s=20)
+    assert logger.dropped >= 1
+
+
+def test_cluster_manifests_reference_real_entry_points():
+    """The cluster-launcher YAML and the KubeRay RayJob parse and point at existing commands and recipes."""
+    launcher = yaml.safe_load((REPO / "cluster/ray-cluster.yaml").read_text())
+    rayjob = yaml.safe_load((REPO / "cluster/kuberay-rayjob.yaml").read_text())
+    assert launcher["cluster_name"] and "head_node_type" in launcher and launcher["available_node_types"]
+    setup = " ".join(launcher.get("setup_commands", []))
+    assert "pip install" in setup
+    assert rayjob["kind"] == "RayJob" and rayjob["apiVersion"].startswith("ray.io/")
+    entry = rayjob["spec"]["entrypoint"]
+    assert "avssl.cli pretrain" in entry or "avssl pretrain" in entry
+    config = entry.split("--config")[1].split()[0]
+    load_config(PretrainRecipe, REPO / config)
+    workers = rayjob["spec"]["rayClusterSpec"]["workerGroupSpecs"][0]
+    gpu = workers["template"]["spec"]["containers"][0]["resources"]["limits"]["nvidia.com/gpu"]
+    assert int(gpu) >= 1
