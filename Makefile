@@ -16,9 +16,13 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install --quiet -e '.[dev]'
 	@touch $(STAMP)
 
+# The main job on the embedded default: synthetic corpus -> pretraining on a local Ray instance
+# (2 DeepSpeed workers on CPU/gloo) -> released checkpoint in runs/demo/avssl/release, tracked
+# in MLflow (runs/mlflow.db). Re-running resumes or reuses what exists.
 demo: $(STAMP)
 	@test -f $(CORPUS)/index.json || $(BIN)/avssl data synth --config configs/data/demo.yaml --out $(CORPUS)
 	$(BIN)/avssl data inspect $(CORPUS)
+	$(BIN)/avssl pretrain --config configs/pretrain/demo.yaml
 
 test: $(STAMP)
 	$(BIN)/python -m pytest

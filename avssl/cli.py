@@ -168,6 +168,29 @@ def cmd_bench_data(args: argparse.Namespace) -> None:
     print_bench(rows, console)
 
 
+def cmd_bench_train(args: argparse.Namespace) -> None:
+    import json
+
+    import torch
+
+    from avssl.cluster.bench import bench_train, print_train_bench
+    from avssl.cluster.config import PretrainRecipe
+    from avssl.cluster.launch import check_corpus
+    from avssl.config import load_config
+
+    recipe = check_corpus(load_config(PretrainRecipe, args.config, args.overrides))
+    rows, info = bench_train(recipe, args.steps, torch.device(args.device))
+    print_train_bench(rows, info, console)
+    if args.json:
+        from dataclasses import asdict
+
+        from avssl.cluster.launch import environment_params
+        from avssl.io import write_json
+
+        write_json(Path(args.json), {"info": info, "rows": [asdict(r) for r in rows], "environment": environment_params()})
+        console.print(f"raw results: {args.json}")
+
+
 def cmd_bench_model(args: argparse.Namespace) -> None:
     from avssl.pretrain.bench import bench_model, print_table
 
@@ -250,6 +273,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--clip-seconds", type=float, default=2.0)
     p.set_defaults(func=cmd_bench_data)
+
+    p = bench.add_parser("train", help="training-step samples/s, tokens/s and MFU with the data pipeline vs synthetic tensors")
+    _add_config_args(p, "configs/pretrain/demo.yaml")
+    p.add_argument("--steps", type=int, default=5)
+    p.add_argument("--device", default="cuda" if _cuda() else "cpu")
+    p.add_argument("--json", default=None, help="also write raw results as JSON (e.g. benchmarks/results/train_<gpu>.json)")
+    p.set_defaults(func=cmd_bench_train)
 
     p = bench.add_parser("model", help="forward+backward time, tokens/s and FLOPs per sample by size and attention")
     p.add_argument("--arch", nargs="+", default=["avvit_tiny_patch16", "avvit_base_patch16"])

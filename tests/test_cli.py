@@ -9,14 +9,17 @@ import pytest
 
 from avssl.cli import build_parser, main
 
-SUBCOMMANDS = [["data", "synth"], ["data", "stats"], ["data", "inspect"], ["bench", "data"], ["bench", "model"]]
+SUBCOMMANDS = [
+    ["data", "synth"], ["data", "stats"], ["data", "inspect"], ["bench", "data"], ["bench", "model"], ["bench", "train"],
+    ["pretrain"], ["export"], ["submit"], ["jobs"],
+]
 
 
-@pytest.mark.parametrize("words", [[]] + [w[:1] for w in SUBCOMMANDS] + SUBCOMMANDS, ids=lambda w: " ".join(w) or "avssl")
+@pytest.mark.parametrize("words", [[]] + sorted({tuple(w[:1]) for w in SUBCOMMANDS}) + SUBCOMMANDS, ids=lambda w: " ".join(w) or "avssl")
 def test_help_on_every_subcommand(words, capsys):
     """`avssl ... --help` prints usage and exits 0 for the command and every subcommand."""
     with pytest.raises(SystemExit) as exc:
-        build_parser().parse_args([*words, "--help"])
+        build_parser().parse_args([*list(words), "--help"])
     assert exc.value.code == 0 and "usage: avssl" in capsys.readouterr().out
 
 
