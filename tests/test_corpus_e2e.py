@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -29,6 +30,8 @@ def test_synth_writes_a_complete_corpus(tiny_corpus):
     for name in ("index.json", "stats.json", "recipe.yaml", "trials/synth_test.txt"):
         assert (tiny_corpus / name).is_file(), name
     assert load_config(CorpusRecipe, tiny_corpus / "recipe.yaml") == load_config(CorpusRecipe, TINY)
+    index = json.loads((tiny_corpus / "index.json").read_text())
+    assert index["generator"] == "avssl.data.synth" and index["seed"] == 1  # extra fields survive closing
     s = summarize(tiny_corpus)["splits"]
     assert s["test"]["speakers"] == 2 and s["train"]["speakers"] == 4
     assert set(s["train"]["spoof"]) >= {"bonafide", "A01"}

@@ -96,6 +96,8 @@ class CorpusWriter:
     _open: dict[str, _OpenShard] = field(default_factory=dict)
     _done: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
     _keys: set[str] = field(default_factory=set)
+    _speakers: dict[str, set[str]] = field(default_factory=dict)
+    _index: Path | None = None
 
     def __post_init__(self) -> None:
         self.out_dir = Path(self.out_dir)
@@ -106,7 +108,7 @@ class CorpusWriter:
 
     def __exit__(self, exc_type, exc, tb) -> None:
         if exc_type is None:
-            self.close()
+            self.close()  # no-op when the caller already closed with extra index fields
         else:  # leave no half-written shard that looks complete
             for shard in self._open.values():
                 shard.tar.close()
@@ -140,6 +142,7 @@ class CorpusWriter:
         if key in self._keys:
             raise AvsslError(f"duplicate utterance id {clip.meta.utterance!r}: ids must be unique in a corpus")
         self._keys.add(key)
+        self._speakers.setdefault(split, set()).add(clip.meta.speaker)
         members = encode_clip(clip)
         shard = self._shard(split)
         mtime = time.time()
@@ -153,18 +156,25 @@ class CorpusWriter:
             self._finish(split)
 
     def close(self, extra: dict[str, Any] | None = None) -> Path:
+        if self._index is not None:
+            return self._index
         for split in list(self._open):
             self._finish(split)
         index = {
             "schema_version": SCHEMA_VERSION,
             "dataset": self.dataset,
             "splits": {
-                split: {"count": sum(s["count"] for s in shards), "shards": shards}
+                split: {
+                    "count": sum(s["count"] for s in shards),
+                    "speakers": sorted(self._speakers.get(split, ())),
+                    "shards": shards,
+                }
                 for split, shards in sorted(self._done.items())
             },
             **(extra or {}),
         }
-        return write_json(self.out_dir / INDEX_FILE, index)
+        self._index = write_json(self.out_dir / INDEX_FILE, index)
+        return self._index
 
 
 @dataclass(frozen=True)
@@ -191,6 +201,13 @@ class CorpusIndex:
 
     def count(self, split: str) -> int:
         return self._split(split)["count"]
+
+    def speakers(self, split: str) -> list[str]:
+        """Sorted speaker ids of a split (recorded by the writer; read from the samples for older indexes)."""
+        recorded = self._split(split).get("speakers")
+        if recorded is not None:
+            return list(recorded)
+        return sorted({json.loads(s["json"])["speaker"] for s in iter_raw_samples(self.shards(split))})
 
     def shards(self, split: str) -> list[Path]:
         return [self.root / s["file"] for s in self._split(split)["shards"]]

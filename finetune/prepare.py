@@ -1,0 +1,842 @@
+"""`avssl data prepare DATASET --root RAW_DIR --out SHARD_DIR`: real datasets -> avssl shards.
+
+Each preparer reads one dataset in its original on-disk layout (REFERENCE section 2), turns every
+utterance into a `Clip` of the one sample schema (`avssl.data.schema`: 16 kHz mono audio, RGB
+frames at their own frame rate, `Meta` labels) and writes shards with `CorpusWriter`. Beside the
+shards it writes the evaluation lists, `stats.json` and `prepare.json` (this run's summary).
+`stats.json` holds the fbank statistics `avssl.data.stats.compute_stats` would compute from the
+"train" split (the first split for test-only corpora), accumulated while each clip's audio is in
+memory: reading the shards back would decode every video a second time.
+
+Datasets (layout under --root -> splits; details in each preparer's docstring):
+
+- `voxceleb1`: `wav/<spk>/<yt>/<NNNNN>.wav`, trial lists beside `wav/` -> the Vox1-O test
+  speakers id10270-id10309 "test", the others "train".
+- `voxceleb2`: `dev/aac/<spk>/<yt>/<NNNNN>.m4a` + `dev/mp4/<spk>/<yt>/<NNNNN>.mp4` -> "train".
+- `cremad`: `AudioWAV/<actor>_<sentence>_<emotion>_<level>.wav` + `VideoFlash/<same>.flv` ->
+  actor fold 4 "test", folds 0-3 "train".
+- `ravdess`: `Actor_XX/MM-VV-EE-II-SS-RR-AA.(wav|mp4)`, Actor_XX up to two folders down ->
+  actors 21-24 "test", the rest "train".
+- `asvspoof2019_la`: `ASVspoof2019_LA_{train,dev,eval}/flac/*.flac` + `ASVspoof2019_LA_cm_protocols/`
+  -> "train" / "val" / "test".
+- `asvspoof2021_la`, `asvspoof2021_df`: `ASVspoof2021_{LA,DF}_eval/flac/*.flac` (DF also in
+  `ASVspoof2021_DF_eval_partNN/ASVspoof2021_DF_eval/flac/`) + `keys/{LA,DF}/CM/trial_metadata.txt`
+  -> "test".
+- `in_the_wild`: `[release_in_the_wild/]<n>.wav` + `meta.csv` (`file,speaker,label`) -> "test".
+
+Utterance ids are the file's path without its extension, relative to the media folder
+(`id10270/x6uYqmx31kE/00001`, `1001_DFA_ANG_XX`, `LA_T_1271820`): VoxCeleb trial entries map to
+them by dropping ".wav". Evaluation lists:
+
+- `trials/vox1_O.txt`, `vox1_E.txt`, `vox1_H.txt`: copies of `veri_test2.txt`, `list_test_all2.txt`,
+  `list_test_hard2.txt`, line for line (`<1|0> <enroll> <test>`). E and H use all 1,251 Vox1
+  speakers, the "train" split included: a model scored on them must not train on VoxCeleb1.
+- `protocols/cm_<split>.txt` for spoof corpora, one line per written sample in the ASVspoof 2019
+  CM format `SPEAKER UTTERANCE - ATTACK KEY` (spaces in In-the-Wild speaker names become `_`);
+  for ASVspoof 2021 also `cm_test_eval.txt`, the rows whose subset is `eval` (published numbers
+  use only those). The original protocol / key files and ASV score files are copied unchanged.
+
+Failure policy: a missing root, or a root without the dataset's landmark folder, raises
+AvsslError naming what is missing; so does a protocol line that does not parse (file:line and the
+expected format). A file listed but missing, or media that does not decode, is recorded in
+`PrepareSummary.unreadable` as (path, reason) and skipped, never fatal; when only the video of an
+audio-visual clip fails, the clip is kept audio-only (and the video is still reported).
+
+Resume = restart, unless the corpus is complete: if `<out>/index.json` exists (it is written
+after every shard and list; only stats.json comes later and is recomputed when missing) the run
+says so and returns without redoing anything. Otherwise the run starts from scratch, deleting
+stale shards of an interrupted run (CorpusWriter writes shards under temporary names and the
+index last, so a crash never leaves a corpus that looks whole).
+
+Utterances are decoded and encoded one at a time in this process: VoxCeleb2 (1.09M clips, each
+decoded and re-encoded to H.264) takes days this way; use --limit for smoke runs.
+"""
+
+from __future__ import annotations
+
+import csv
+import logging
+import os
+import re
+import shutil
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterable
+
+import numpy as np
+
+from avssl import AvsslError
+from avssl.data.features import STATS_FILE, FeatureConfig, RunningMoments, fbank, resample, save_stats
+from avssl.data.schema import EMOTIONS, SAMPLE_RATE, SPLITS, Clip, Meta, utterance_to_key
+from avssl.data.shards import INDEX_FILE, CorpusIndex, CorpusWriter, ShardConfig
+from avssl.io import atomic_write_text, read_json, write_json
+from avssl.progress import progress_bar
+
+log = logging.getLogger(__name__)
+
+TRIALS_DIR = "trials"
+PROTOCOLS_DIR = "protocols"
+SUMMARY_FILE = "prepare.json"
+
+
+# ----------------------------------------------------------------------------- items and summary
+
+
+@dataclass
+class Item:
+    """One utterance to convert: where its media are and its labels (duration comes from decoding).
+
+    `audio` may be a .wav/.flac (soundfile) or any container PyAV reads (.m4a, an .mp4's audio
+    track); `video` any container with a video stream (.mp4, .flv).
+    """
+
+    utterance: str
+    speaker: str
+    split: str
+    audio: Path | None = None
+    video: Path | None = None
+    emotion: str | None = None
+    spoof: str = "bonafide"
+    attack: str = "-"
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class PrepareSummary:
+    """What a `prepare_dataset` run did: samples per split, files skipped and why, lists written."""
+
+    dataset: str
+    out: Path
+    counts: dict[str, int]
+    unreadable: list[tuple[str, str]]
+    elapsed: float
+    resumed: bool = False
+    files: list[str] = field(default_factory=list)  # trial / protocol files, relative to out
+    notes: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "dataset": self.dataset,
+            "out": str(self.out),
+            "counts": dict(self.counts),
+            "unreadable": [list(u) for u in self.unreadable],
+            "elapsed": self.elapsed,
+            "resumed": self.resumed,
+            "files": list(self.files),
+            "notes": list(self.notes),
+        }
+
+    def describe(self, max_unreadable: int = 20) -> str:
+        """Plain-text report for the CLI: counts, lists written, notes, the first unreadable files."""
+        state = "already prepared" if self.resumed else f"prepared in {self.elapsed:.1f} s"
+        counts = ", ".join(f"{split} {n}" for split, n in self.counts.items())
+        lines = [f"{self.dataset} -> {self.out} ({state}): {counts}"]
+        lines += [f"  wrote {f}" for f in self.files]
+        lines += [f"  note: {n}" for n in self.notes]
+        if self.unreadable:
+            lines.append(f"  {len(self.unreadable)} files skipped or degraded (all listed in {self.out / SUMMARY_FILE}):")
+            lines += [f"    {path}: {reason}" for path, reason in self.unreadable[:max_unreadable]]
+            if len(self.unreadable) > max_unreadable:
+                lines.append(f"    ... and {len(self.unreadable) - max_unreadable} more")
+        return "\n".join(lines)
+
+
+class Scan:
+    """What a preparer found before decoding anything: items, problems, notes."""
+
+    def __init__(self) -> None:
+        self.items: list[Item] = []
+        self.unreadable: list[tuple[str, str]] = []
+        self.notes: list[str] = []
+
+    def bad(self, path: Path | str, reason: str) -> None:
+        self.unreadable.append((str(path), reason))
+
+
+# ----------------------------------------------------------------------------- media
+
+
+def read_audio(path: Path) -> np.ndarray:
+    """Any audio file or container's first audio stream -> float32 [N] mono at 16 kHz.
+
+    WAV / FLAC go through soundfile; everything else (.m4a AAC, an .mp4's audio track) through
+    PyAV at its own rate. Channels are averaged and the rate converted with
+    `avssl.data.features.resample`, one resampler for every corpus.
+    """
+    if path.suffix.lower() in (".wav", ".flac"):
+        import soundfile as sf
+
+        wave, sr = sf.read(str(path), dtype="float32", always_2d=True)
+        wave = wave.mean(axis=1)
+    else:
+        import av
+
+        with av.open(str(path)) as container:
+            if not container.streams.audio:
+                raise ValueError("no audio stream")
+            stream = container.streams.audio[0]
+            sr = stream.rate
+            # Packed float mono at the source rate: PyAV only converts the sample format here.
+            converter = av.AudioResampler(format="flt", layout="mono", rate=sr)
+            chunks = [f.to_ndarray().reshape(-1) for frame in container.decode(stream) for f in converter.resample(frame)]
+            chunks += [f.to_ndarray().reshape(-1) for f in converter.resample(None)]
+        wave = np.concatenate(chunks) if chunks else np.zeros(0, np.float32)
+    if wave.size == 0:
+        raise ValueError("no audio samples")
+    return np.ascontiguousarray(resample(wave.astype(np.float32, copy=False), int(sr)), dtype=np.float32)
+
+
+def read_video(path: Path) -> tuple[np.ndarray, float]:
+    """Video file -> (uint8 [T, H, W, 3] RGB, fps), via `avssl.data.schema.decode_video`."""
+    from avssl.data.schema import decode_video
+
+    return decode_video(path.read_bytes())
+
+
+def _reason(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+
+
+def load_clip(item: Item, dataset: str, problems: list[tuple[str, str]]) -> Clip | None:
+    """Decode an item's media into a Clip; None (with the problem recorded) when unusable."""
+    audio = video = None
+    fps = None
+    if item.audio is not None:
+        if not item.audio.is_file():
+            problems.append((str(item.audio), "missing: listed but not on disk"))
+            return None
+        try:
+            audio = read_audio(item.audio)
+        except Exception as exc:  # corrupt media is skipped, never fatal
+            problems.append((str(item.audio), f"unreadable audio ({_reason(exc)})"))
+            return None
+    if item.video is not None:
+        try:
+            video, fps = read_video(item.video)
+        except Exception as exc:
+            kept = "; kept audio only" if audio is not None else ""
+            problems.append((str(item.video), f"unreadable video ({_reason(exc)}){kept}"))
+    if audio is None and video is None:
+        return None
+    duration = len(audio) / SAMPLE_RATE if audio is not None else len(video) / fps
+    meta = Meta(
+        dataset=dataset,
+        speaker=item.speaker,
+        utterance=item.utterance,
+        duration=float(duration),
+        emotion=item.emotion,
+        spoof=item.spoof,
+        attack=item.attack,
+        fps=float(fps) if video is not None else None,
+        split=item.split,
+        extra=dict(item.extra),
+    )
+    return Clip(meta=meta, audio=audio, video=video)
+
+
+# ----------------------------------------------------------------------------- helpers
+
+
+def _files(folder: Path, suffixes: tuple[str, ...]) -> list[Path]:
+    """Every file under `folder` with one of `suffixes` (lower-case), sorted; os.walk is fast on big trees."""
+    out: list[Path] = []
+    for dirpath, dirnames, filenames in os.walk(folder):
+        dirnames.sort()
+        out.extend(Path(dirpath) / f for f in filenames if f.lower().endswith(suffixes) and not f.startswith("."))
+    return sorted(out)
+
+
+def _need_dir(path: Path, what: str) -> Path:
+    if not path.is_dir():
+        raise AvsslError(f"{path.parent}: no {path.name}/ folder; expected {what}")
+    return path
+
+
+def _protocol_error(path: Path, lineno: int, expected: str, line: str) -> AvsslError:
+    return AvsslError(f"{path}:{lineno}: expected {expected}, got {line.rstrip()!r}")
+
+
+def _read_lines(path: Path) -> Iterable[tuple[int, str]]:
+    """(line number, stripped line) of the non-blank lines of a text protocol."""
+    with open(path, encoding="utf-8", errors="replace") as f:
+        for lineno, line in enumerate(f, 1):
+            if line.strip():
+                yield lineno, line.strip()
+
+
+def _cm_line(item: Item) -> str:
+    """ASVspoof 2019 CM protocol line `SPEAKER UTTERANCE - ATTACK KEY` for a written sample."""
+    return f"{item.speaker.replace(' ', '_')} {item.utterance} - {item.attack} {item.spoof}\n"
+
+
+def _write_cm_protocols(
+    out: Path, written: list[Item], extra_files: dict[str, Callable[[Item], bool]] | None = None
+) -> list[str]:
+    files = []
+    for split in SPLITS:
+        rows = [i for i in written if i.split == split]
+        if rows:
+            name = f"{PROTOCOLS_DIR}/cm_{split}.txt"
+            atomic_write_text(out / name, "".join(_cm_line(i) for i in rows))
+            files.append(name)
+    for name, keep in (extra_files or {}).items():
+        atomic_write_text(out / PROTOCOLS_DIR / name, "".join(_cm_line(i) for i in written if keep(i)))
+        files.append(f"{PROTOCOLS_DIR}/{name}")
+    return files
+
+
+def _copy(src: Path, out: Path, name: str) -> str:
+    dst = out / name
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    tmp = dst.with_name(f".{dst.name}.tmp")
+    shutil.copyfile(src, tmp)
+    os.replace(tmp, dst)
+    return name
+
+
+# ----------------------------------------------------------------------------- preparers
+
+
+class Preparer:
+    """One dataset: `scan` lists its utterances (parsing names and protocols, failing fast on a bad
+    protocol line) and `write_lists` writes its trial / protocol files for the written samples."""
+
+    name: str = ""
+    layout: str = ""
+
+    def scan(self, root: Path, video: bool) -> Scan:
+        raise NotImplementedError
+
+    def write_lists(self, root: Path, out: Path, written: list[Item]) -> list[str]:
+        return []
+
+
+class VoxCeleb1(Preparer):
+    """VoxCeleb1 audio. Split: the 40 Vox1-O test speakers (id10270-id10309, exactly the speakers of
+    veri_test2.txt) -> "test", the other 1,211 -> "train"; Vox1-E/H trials use all speakers."""
+
+    name = "voxceleb1"
+    layout = "VoxCeleb1's wav/<speaker>/<youtube_id>/<NNNNN>.wav (vox1_dev_wav.zip + vox1_test_wav.zip)"
+    TRIAL_LISTS = {"veri_test2.txt": "vox1_O.txt", "list_test_all2.txt": "vox1_E.txt", "list_test_hard2.txt": "vox1_H.txt"}
+    TEST_SPEAKERS = range(10270, 10310)
+
+    def scan(self, root: Path, video: bool) -> Scan:
+        wav = _need_dir(root / "wav", self.layout)
+        scan = Scan()
+        for src in self.TRIAL_LISTS:  # validate before hours of decoding
+            if (root / src).is_file():
+                _check_trials(root / src)
+        for path in _files(wav, (".wav",)):
+            parts = path.relative_to(wav).parts
+            if len(parts) != 3:
+                scan.bad(path, "not at wav/<speaker>/<youtube_id>/<NNNNN>.wav")
+                continue
+            spk, yt, _ = parts
+            m = re.fullmatch(r"id(\d{5})", spk)
+            split = "test" if m and int(m.group(1)) in self.TEST_SPEAKERS else "train"
+            scan.items.append(Item(f"{spk}/{yt}/{path.stem}", spk, split, audio=path, extra={"youtube_id": yt}))
+        if not any((root / s).is_file() for s in self.TRIAL_LISTS):
+            scan.notes.append(f"no trial lists ({', '.join(self.TRIAL_LISTS)}) in {root}: none copied")
+        return scan
+
+    def write_lists(self, root: Path, out: Path, written: list[Item]) -> list[str]:
+        return [_copy(root / src, out, f"{TRIALS_DIR}/{dst}") for src, dst in self.TRIAL_LISTS.items() if (root / src).is_file()]
+
+
+def _check_trials(path: Path) -> None:
+    for lineno, line in _read_lines(path):
+        fields = line.split()
+        if len(fields) != 3 or fields[0] not in ("0", "1"):
+            example = "1 id10270/x6uYqmx31kE/00001.wav id10270/8jEAjG6SegY/00008.wav"
+            raise _protocol_error(path, lineno, f"'<1|0> <enroll> <test>' (e.g. '{example}')", line)
+
+
+class VoxCeleb2(Preparer):
+    """VoxCeleb2 dev: the .m4a (AAC, decoded by PyAV) and the face-cropped .mp4 of an utterance
+    form one sample; a missing mp4 gives an audio-only sample, a missing m4a a video-only one.
+    All "train" (the VoxCeleb2 test set, if present under test/, is not read)."""
+
+    name = "voxceleb2"
+    layout = "VoxCeleb2's dev/aac/<speaker>/<youtube_id>/<NNNNN>.m4a (and dev/mp4/... .mp4)"
+
+    def scan(self, root: Path, video: bool) -> Scan:
+        dev = _need_dir(root / "dev", self.layout)
+        if not (dev / "aac").is_dir() and not (video and (dev / "mp4").is_dir()):
+            raise AvsslError(f"{dev}: no aac/ folder; expected {self.layout}")
+        scan = Scan()
+        media: dict[str, dict[str, Path]] = {}
+        kinds = [("aac", ".m4a", "audio")] + ([("mp4", ".mp4", "video")] if video else [])
+        for folder, suffix, kind in kinds:
+            if not (dev / folder).is_dir():
+                scan.notes.append(f"no {dev / folder}: {'audio' if kind == 'video' else 'video'}-only samples")
+                continue
+            for path in _files(dev / folder, (suffix,)):
+                parts = path.relative_to(dev / folder).parts
+                if len(parts) != 3:
+                    scan.bad(path, f"not at dev/{folder}/<speaker>/<youtube_id>/<NNNNN>{suffix}")
+                    continue
+                media.setdefault(f"{parts[0]}/{parts[1]}/{path.stem}", {})[kind] = path
+        for utt, m in sorted(media.items()):
+            spk, yt, _ = utt.split("/")
+            scan.items.append(Item(utt, spk, "train", audio=m.get("audio"), video=m.get("video"), extra={"youtube_id": yt}))
+        return scan
+
+
+class CremaD(Preparer):
+    """CREMA-D: emotion from the file name; 5 actor-disjoint folds, fold = (actor - 1001) % 5 (the
+    index in the sorted list of actors 1001-1091, mod 5); fold 4 -> "test", folds 0-3 "train".
+    `extra` = {sentence, level, fold}. The four known-broken videos are left out (audio kept)."""
+
+    name = "cremad"
+    layout = "CREMA-D's AudioWAV/<actor>_<sentence>_<emotion>_<level>.wav (and VideoFlash/<same>.flv)"
+    BROKEN_VIDEOS = frozenset({"1076_MTI_NEU_XX", "1076_MTI_SAD_XX", "1064_TIE_SAD_XX", "1064_IEO_DIS_MD"})
+    TEST_FOLD = 4
+    NAME = re.compile(r"(\d{4})_([A-Z]{3})_([A-Z]{3})_([A-Z]{1,2})")
+
+    def scan(self, root: Path, video: bool) -> Scan:
+        audio_dir = _need_dir(root / "AudioWAV", self.layout)
+        video_dir = root / "VideoFlash"
+        scan = Scan()
+        if video and not video_dir.is_dir():
+            scan.notes.append(f"no {video_dir}: audio-only samples")
+            video = False
+        no_video = 0
+        for path in _files(audio_dir, (".wav",)):
+            m = self.NAME.fullmatch(path.stem)
+            if not m or m.group(3) not in EMOTIONS:
+                scan.bad(path, f"name is not <actor>_<sentence>_<emotion>_<level> with emotion in {'/'.join(EMOTIONS)}")
+                continue
+            actor, sentence, emotion, level = m.groups()
+            fold = (int(actor) - 1001) % 5
+            flv = video_dir / f"{path.stem}.flv"
+            use_video = video and path.stem not in self.BROKEN_VIDEOS and flv.is_file()
+            no_video += video and not use_video and path.stem not in self.BROKEN_VIDEOS
+            scan.items.append(
+                Item(
+                    path.stem, actor, "test" if fold == self.TEST_FOLD else "train",
+                    audio=path, video=flv if use_video else None, emotion=emotion,
+                    extra={"sentence": sentence, "level": level, "fold": fold},
+                )
+            )
+        if video:
+            scan.notes.append(f"known-broken videos left out (audio kept): {', '.join(sorted(self.BROKEN_VIDEOS))}")
+        if no_video:
+            scan.notes.append(f"{no_video} clips have no VideoFlash/*.flv: audio only")
+        return scan
+
+
+RAVDESS_EMOTIONS = ("neutral", "calm", "happy", "sad", "angry", "fearful", "disgust", "surprised")  # codes 01-08
+RAVDESS_TO_CREMAD = {"neutral": "NEU", "happy": "HAP", "sad": "SAD", "angry": "ANG", "fearful": "FEA", "disgust": "DIS"}
+
+
+class Ravdess(Preparer):
+    """RAVDESS: every file is one sample, labels from its code MM-VV-EE-II-SS-RR-AA. Modality 01
+    (.mp4 with audio) gives audio and frames from the same file, 02 (.mp4) frames only, 03 (.wav)
+    audio only; the same performance thus appears up to three times, linked by `extra.recording`
+    (the code without MM). The 8-class emotion is `extra.emotion8`; `emotion` is its CREMA-D name
+    (calm and surprised -> None). Audio is 48 kHz, resampled to 16 kHz. Frames are the full
+    1280x720 recording (no face crop). Folds of 4 actors, fold = (actor - 1) // 4 (the usual
+    6-fold subject-independent protocol); fold 5 = actors 21-24 -> "test", the rest "train"."""
+
+    name = "ravdess"
+    layout = "RAVDESS's Actor_XX/MM-VV-EE-II-SS-RR-AA.(wav|mp4) folders"
+    CODE = re.compile(r"(0[1-3])-(0[12])-(0[1-8])-(0[12])-(0[12])-(0[12])-(\d\d)")
+    MODALITY = {"01": "audio-video", "02": "video-only", "03": "audio-only"}
+    TEST_FOLD = 5
+
+    def scan(self, root: Path, video: bool) -> Scan:
+        actor_dirs = sorted({d for pattern in ("Actor_*", "*/Actor_*", "*/*/Actor_*") for d in root.glob(pattern) if d.is_dir()})
+        if not actor_dirs:
+            raise AvsslError(f"{root}: no Actor_XX/ folders; expected {self.layout}")
+        scan = Scan()
+        seen: dict[str, Path] = {}
+        skipped_video_only = 0
+        for folder in actor_dirs:
+            for path in _files(folder, (".wav", ".mp4")):
+                m = self.CODE.fullmatch(path.stem)
+                if not m:
+                    scan.bad(path, "name is not a RAVDESS code MM-VV-EE-II-SS-RR-AA")
+                    continue
+                modality, channel, emo, intensity, statement, repetition, actor = m.groups()
+                if (path.suffix.lower() == ".wav") != (modality == "03"):
+                    scan.bad(path, f"modality {modality} ({self.MODALITY[modality]}) does not match a {path.suffix} file")
+                    continue
+                if path.stem in seen:
+                    scan.bad(path, f"duplicate of {seen[path.stem]}")
+                    continue
+                seen[path.stem] = path
+                if modality == "02" and not video:
+                    skipped_video_only += 1
+                    continue
+                emotion8 = RAVDESS_EMOTIONS[int(emo) - 1]
+                fold = (int(actor) - 1) // 4
+                scan.items.append(
+                    Item(
+                        path.stem, f"Actor_{actor}", "test" if fold == self.TEST_FOLD else "train",
+                        audio=path if modality in ("01", "03") else None,
+                        video=path if modality in ("01", "02") and video else None,
+                        emotion=RAVDESS_TO_CREMAD.get(emotion8),
+                        extra={
+                            "modality": self.MODALITY[modality], "vocal_channel": "speech" if channel == "01" else "song",
+                            "emotion8": emotion8, "intensity": "normal" if intensity == "01" else "strong",
+                            "statement": int(statement), "repetition": int(repetition), "actor": int(actor),
+                            "sex": "male" if int(actor) % 2 else "female", "fold": fold, "recording": path.stem[3:],
+                        },
+                    )
+                )
+        if skipped_video_only:
+            scan.notes.append(f"video=False: {skipped_video_only} video-only (modality 02) files left out")
+        return scan
+
+
+def _asvspoof_entry(speaker: str, utt: str, key: str, attack: str, split: str, audio: Path, extra: dict[str, Any]) -> Item:
+    return Item(utt, speaker, split, audio=audio, spoof=key, attack="-" if key == "bonafide" else attack, extra=extra)
+
+
+class ASVspoof2019LA(Preparer):
+    """ASVspoof 2019 LA: CM protocols give speaker, attack (A01-A19, "-" for bona fide) and key;
+    train / dev / eval -> "train" / "val" / "test". ASV score files are copied for t-DCF."""
+
+    name = "asvspoof2019_la"
+    layout = "ASVspoof 2019 LA's ASVspoof2019_LA_cm_protocols/ and ASVspoof2019_LA_{train,dev,eval}/flac/"
+    PROTOCOLS = "ASVspoof2019_LA_cm_protocols"
+    SPLITS = (("train", "train.trn", "train"), ("dev", "dev.trl", "val"), ("eval", "eval.trl", "test"))
+    EXPECTED = "'SPEAKER FILE - SYSTEM KEY' (e.g. 'LA_0079 LA_T_1271820 - A01 spoof' or 'LA_0079 LA_T_1138215 - - bonafide')"
+    ASV_SCORES = ("ASVspoof2019.LA.asv.dev.gi.trl.scores.txt", "ASVspoof2019.LA.asv.eval.gi.trl.scores.txt")
+
+    def _protocol(self, root: Path, part: str) -> Path:
+        return root / self.PROTOCOLS / f"ASVspoof2019.LA.cm.{part}.txt"
+
+    def scan(self, root: Path, video: bool) -> Scan:
+        _need_dir(root / self.PROTOCOLS, self.layout)
+        scan = Scan()
+        found = False
+        for folder, part, split in self.SPLITS:
+            protocol = self._protocol(root, part)
+            flac = root / f"ASVspoof2019_LA_{folder}" / "flac"
+            if not protocol.is_file():
+                scan.notes.append(f"no {protocol}: split {split!r} left out")
+                continue
+            rows = list(self._parse(protocol))  # parse errors are fatal even when the audio is absent
+            if not flac.is_dir():
+                scan.notes.append(f"no {flac}: split {split!r} ({len(rows)} protocol rows) left out")
+                continue
+            found = True
+            for speaker, utt, system, key in rows:
+                scan.items.append(_asvspoof_entry(speaker, utt, key, system, split, flac / f"{utt}.flac", {}))
+        if not found:
+            raise AvsslError(f"{root}: no split with both a CM protocol and a flac/ folder; expected {self.layout}")
+        return scan
+
+    def _parse(self, path: Path) -> Iterable[tuple[str, str, str, str]]:
+        for lineno, line in _read_lines(path):
+            f = line.split()
+            if len(f) != 5 or f[4] not in ("bonafide", "spoof") or (f[4] == "spoof") == (f[3] == "-"):
+                raise _protocol_error(path, lineno, self.EXPECTED, line)
+            yield f[0], f[1], f[3], f[4]
+
+    def write_lists(self, root: Path, out: Path, written: list[Item]) -> list[str]:
+        files = _write_cm_protocols(out, written)
+        for _, part, _ in self.SPLITS:
+            if self._protocol(root, part).is_file():
+                files.append(_copy(self._protocol(root, part), out, f"{PROTOCOLS_DIR}/{self._protocol(root, part).name}"))
+        for name in self.ASV_SCORES:
+            src = root / "ASVspoof2019_LA_asv_scores" / name
+            if src.is_file():
+                files.append(_copy(src, out, f"{PROTOCOLS_DIR}/{name}"))
+        return files
+
+
+class ASVspoof2021(Preparer):
+    """ASVspoof 2021 LA or DF evaluation data, all "test". The key's label is the column just
+    before the trim flag (trim / notrim) and the subset the one just after, the attack two before:
+    this holds for LA (`spk trial codec trans attack label trim subset`) and DF (`spk trial codec
+    source attack label trim subset vocoder - - - -`), whose bona fide rows may carry "bonafide"
+    in the attack and vocoder columns too. A spoof row without an attack id ("-") gets attack
+    "unknown" (counted in the notes). Every row is kept, with `extra.subset` (eval /
+    progress / hidden): published numbers use only subset == eval (protocols/cm_test_eval.txt)."""
+
+    SUBSETS = ("eval", "progress", "hidden")
+
+    def __init__(self, track: str) -> None:
+        self.track = track
+        self.name = f"asvspoof2021_{track.lower()}"
+        self.layout = (
+            f"ASVspoof 2021 {track}'s ASVspoof2021_{track}_eval/flac/{track}_E_*.flac and keys/{track}/CM/trial_metadata.txt"
+            f" ({track}-keys-full.tar.gz)"
+        )
+        extra = "codec trans attack label trim subset" if track == "LA" else "codec source attack label trim subset vocoder ..."
+        self.expected = f"'SPEAKER TRIAL {extra}' with label bonafide/spoof, trim notrim/trim and subset eval/progress/hidden"
+
+    def _key(self, root: Path) -> Path:
+        return root / "keys" / self.track / "CM" / "trial_metadata.txt"
+
+    def _flac_dirs(self, root: Path) -> list[Path]:
+        t = self.track
+        dirs = [root / f"ASVspoof2021_{t}_eval" / "flac"]
+        dirs += sorted(root.glob(f"ASVspoof2021_{t}_eval_part*/ASVspoof2021_{t}_eval/flac"))  # DF ships in 4 parts
+        return [d for d in dirs if d.is_dir()]
+
+    def scan(self, root: Path, video: bool) -> Scan:
+        key = self._key(root)
+        if not key.is_file():
+            raise AvsslError(f"{key}: not found; expected {self.layout}")
+        dirs = self._flac_dirs(root)
+        if not dirs:
+            raise AvsslError(f"{root}: no ASVspoof2021_{self.track}_eval/flac/ folder; expected {self.layout}")
+        rows = list(self._parse(key))
+        audio: dict[str, Path] = {}
+        for d in dirs:
+            with os.scandir(d) as it:
+                for entry in it:
+                    if entry.name.endswith(".flac"):
+                        audio.setdefault(entry.name[: -len(".flac")], Path(entry.path))
+        scan = Scan()
+        if unknown := sum(1 for r in rows if r[2] == "unknown" and r[3] == "spoof"):
+            scan.notes.append(f"{key}: {unknown} spoof rows name no attack: attack 'unknown'")
+        for speaker, utt, attack, label, extra in rows:
+            path = audio.get(utt, dirs[0] / f"{utt}.flac")  # a missing one is reported when read
+            scan.items.append(_asvspoof_entry(speaker, utt, label, attack, "test", path, extra))
+        return scan
+
+    def _parse(self, path: Path) -> Iterable[tuple[str, str, str, str, dict[str, Any]]]:
+        for lineno, line in _read_lines(path):
+            f = line.split()
+            k = next((i for i in range(4, len(f)) if f[i] in ("trim", "notrim")), None)
+            ok = k is not None and k + 1 < len(f) and f[k - 1] in ("bonafide", "spoof")
+            ok = ok and (f[k + 1] in self.SUBSETS or f[k + 1].startswith("hidden"))
+            if not ok:
+                raise _protocol_error(path, lineno, self.expected, line)
+            extra: dict[str, Any] = {"codec": f[2], "trim": f[k], "subset": f[k + 1]}
+            if self.track == "LA":
+                extra["transmission"] = f[3]
+            else:
+                extra["source"] = f[3]
+                if k + 2 < len(f):
+                    extra["vocoder"] = f[k + 2]
+            attack = f[k - 2]
+            if f[k - 1] == "spoof" and attack in ("-", "bonafide"):  # the schema needs an attack id for a spoof
+                attack = "unknown"
+            yield f[0], f[1], attack, f[k - 1], extra
+
+    def write_lists(self, root: Path, out: Path, written: list[Item]) -> list[str]:
+        files = _write_cm_protocols(out, written, {"cm_test_eval.txt": lambda i: i.extra.get("subset") == "eval"})
+        files.append(_copy(self._key(root), out, f"{PROTOCOLS_DIR}/{self.track}_CM_trial_metadata.txt"))
+        asv = root / "keys" / self.track / "ASV"
+        if (asv / "trial_metadata.txt").is_file():  # LA only: ASV key and scores, for t-DCF
+            files.append(_copy(asv / "trial_metadata.txt", out, f"{PROTOCOLS_DIR}/{self.track}_ASV_trial_metadata.txt"))
+            for score in sorted(asv.glob("*/score.txt")):
+                files.append(_copy(score, out, f"{PROTOCOLS_DIR}/{self.track}_ASV_{score.parent.name}_score.txt"))
+        return files
+
+
+class InTheWild(Preparer):
+    """In-the-Wild (Müller et al. 2022): test only; label bona-fide -> bonafide with attack "-",
+    spoof -> attack "ITW" (the schema needs an attack id; the corpus names no systems)."""
+
+    name = "in_the_wild"
+    layout = "In-the-Wild's release_in_the_wild/<n>.wav and meta.csv (header file,speaker,label)"
+    LABELS = {"bona-fide": "bonafide", "spoof": "spoof"}
+
+    def _meta(self, root: Path) -> Path:
+        for meta in (root / "meta.csv", root / "release_in_the_wild" / "meta.csv"):
+            if meta.is_file():
+                return meta
+        raise AvsslError(f"{root}: no meta.csv (nor release_in_the_wild/meta.csv); expected {self.layout}")
+
+    def scan(self, root: Path, video: bool) -> Scan:
+        meta = self._meta(root)
+        scan = Scan()
+        with open(meta, newline="", encoding="utf-8-sig") as f:
+            reader = csv.reader(f)
+            header = next(reader, None)
+            if header is None or [h.strip().lower() for h in header] != ["file", "speaker", "label"]:
+                raise _protocol_error(meta, 1, "the header 'file,speaker,label'", ",".join(header or []))
+            for row in reader:
+                if not row or not "".join(row).strip():
+                    continue
+                if len(row) != 3 or row[2].strip() not in self.LABELS or not row[0].strip():
+                    raise _protocol_error(meta, reader.line_num, "'<n>.wav,<speaker>,<bona-fide|spoof>'", ",".join(row))
+                name, speaker, label = (c.strip() for c in row)
+                key = self.LABELS[label]
+                attack = "-" if key == "bonafide" else "ITW"
+                scan.items.append(Item(Path(name).stem, speaker, "test", audio=meta.parent / name, spoof=key, attack=attack))
+        return scan
+
+    def write_lists(self, root: Path, out: Path, written: list[Item]) -> list[str]:
+        return _write_cm_protocols(out, written) + [_copy(self._meta(root), out, f"{PROTOCOLS_DIR}/meta.csv")]
+
+
+DATASETS: dict[str, Preparer] = {
+    p.name: p
+    for p in (
+        VoxCeleb1(), VoxCeleb2(), CremaD(), Ravdess(), ASVspoof2019LA(),
+        ASVspoof2021("LA"), ASVspoof2021("DF"), InTheWild(),
+    )
+}
+
+
+# ----------------------------------------------------------------------------- the run
+
+
+def _subsample(items: list[Item], limit: int | None) -> list[Item]:
+    """At most `limit` items, evenly spaced over the sorted list so a smoke run still sees every
+    split and many speakers (the first N would often be one speaker of one split)."""
+    if limit is not None and limit < 1:
+        raise AvsslError(f"--limit must be at least 1, got {limit}")
+    if limit is None or limit >= len(items):
+        return items
+    idx = np.unique(np.linspace(0, len(items) - 1, limit).round().astype(np.int64))
+    return [items[i] for i in idx]
+
+
+_SHARD_NAME = re.compile(r"\.?(train|val|test)-\d{6}\.tar(\.tmp)?")
+
+
+def _remove_stale_shards(out: Path) -> int:
+    """An interrupted run (no index.json) leaves shards that no index lists: remove them."""
+    stale = [p for p in out.iterdir() if _SHARD_NAME.fullmatch(p.name) and p.is_file()] if out.is_dir() else []
+    for p in stale:
+        p.unlink()
+    return len(stale)
+
+
+def _stats_split(counts: dict[str, int]) -> str:
+    return "train" if counts.get("train") else next(s for s in SPLITS if counts.get(s))
+
+
+RECOMPUTE_STATS_CLIPS = 10_000
+
+
+def _dedupe(items: list[Item], unreadable: list[tuple[str, str]]) -> list[Item]:
+    """Drop items whose shard key repeats an earlier one (CorpusWriter would stop the run)."""
+    seen: dict[str, Item] = {}
+    out = []
+    for item in items:
+        key = utterance_to_key(item.utterance)
+        if key in seen:
+            kept = seen[key].audio or seen[key].video
+            unreadable.append((str(item.audio or item.video), f"duplicate utterance id {item.utterance!r} (kept {kept})"))
+            continue
+        seen[key] = item
+        out.append(item)
+    return out
+
+
+def _resume(name: str, out: Path, started: float) -> PrepareSummary:
+    index = CorpusIndex.load(out)
+    if index.data.get("dataset") != name:
+        raise AvsslError(
+            f"{out}: already holds a prepared {index.data.get('dataset')!r} corpus, not {name!r}; choose another --out"
+        )
+    counts = {s: index.count(s) for s in index.splits}
+    previous = read_json(out / SUMMARY_FILE) if (out / SUMMARY_FILE).is_file() else {}
+    notes = [f"{out / INDEX_FILE} exists: {name} is already prepared; nothing redone (delete {out} to start over)"]
+    if not (out / STATS_FILE).is_file():
+        from avssl.data.stats import compute_stats
+
+        # Reading shards back decodes their video too: cap the clips so this stays minutes, not days.
+        split = _stats_split(counts)
+        compute_stats(out, FeatureConfig(), split=split, max_clips=RECOMPUTE_STATS_CLIPS)
+        notes.append(f"{STATS_FILE} was missing: recomputed from the first {RECOMPUTE_STATS_CLIPS} clips of {split!r}")
+    log.info(notes[0])
+    return PrepareSummary(
+        dataset=name, out=out, counts=counts,
+        unreadable=[tuple(u) for u in previous.get("unreadable", [])],
+        elapsed=time.monotonic() - started, resumed=True,
+        files=list(previous.get("files", [])), notes=notes,
+    )
+
+
+def prepare_dataset(
+    name: str,
+    root: Path,
+    out: Path,
+    shards: ShardConfig | None = None,
+    limit: int | None = None,
+    video: bool = True,
+) -> PrepareSummary:
+    """Convert dataset `name` (a key of DATASETS) from `root` into a corpus at `out`.
+
+    `limit` caps the utterances read (evenly spaced over the dataset, for smoke runs); `video=False`
+    reads audio only. Returns the summary (also written to `<out>/prepare.json`). See the module
+    docstring for layouts, splits, lists and the failure and resume policy.
+    """
+    import torch
+
+    from avssl.data.stats import stats_from_moments
+
+    started = time.monotonic()
+    if name not in DATASETS:
+        raise AvsslError(f"unknown dataset {name!r}; choose one of: {', '.join(DATASETS)}")
+    preparer = DATASETS[name]
+    root, out = Path(root), Path(out)
+    if (out / INDEX_FILE).is_file():
+        return _resume(name, out, started)
+    if not root.is_dir():
+        raise AvsslError(f"{root}: dataset root not found; expected a folder with {preparer.layout}")
+
+    scan = preparer.scan(root, video)
+    if not scan.items:
+        raise AvsslError(f"{root}: no utterances found; expected {preparer.layout}")
+    unique = _dedupe(scan.items, scan.unreadable)
+    items = _subsample(unique, limit)
+    if len(items) < len(unique):
+        scan.notes.append(f"--limit {limit}: {len(items)} of {len(unique)} utterances, evenly spaced")
+    out.mkdir(parents=True, exist_ok=True)
+    if removed := _remove_stale_shards(out):
+        scan.notes.append(f"removed {removed} shard files of an interrupted run")
+
+    expected = Counter(i.split for i in items)
+    writer = CorpusWriter(out, shards or ShardConfig(), dataset=name, expected_per_split=dict(expected))
+    written: list[Item] = []
+    counts: Counter[str] = Counter()
+    unreadable = scan.unreadable
+    # stats.json: the same fbank moments `avssl.data.stats.compute_stats` takes from the shards
+    # (every clip of the stats split, in order), gathered while the audio is in memory; reading
+    # the shards back would decode every video again (days for VoxCeleb2). Kept per split because
+    # which split is used ("train", else the first) is only known once the unreadable are out.
+    features = FeatureConfig()
+    moments: dict[str, RunningMoments] = {}
+    stat_clips: Counter[str] = Counter()
+    # CorpusWriter's `with` form would call close() a second time, without our index extras:
+    # close it once ourselves and only use __exit__ to drop half-written shards on failure.
+    try:
+        with progress_bar(f"preparing {name}", len(items)) as bar:
+            for item in items:
+                before = len(unreadable)
+                clip = load_clip(item, name, unreadable)
+                if clip is not None:
+                    writer.write(clip)
+                    written.append(item)
+                    counts[item.split] += 1
+                    if clip.audio is not None:
+                        moments.setdefault(item.split, RunningMoments()).update(fbank(torch.from_numpy(clip.audio), features))
+                        stat_clips[item.split] += 1
+                if len(unreadable) > before:
+                    bar.describe(f"preparing {name} ({len(unreadable)} unreadable)")
+                bar.advance()
+        if not written:
+            first = unreadable[0] if unreadable else "?"
+            raise AvsslError(f"{root}: none of {len(items)} utterances could be read; first problem: {first}")
+        files = preparer.write_lists(root, out, written)
+    except BaseException as exc:
+        writer.__exit__(type(exc), exc, exc.__traceback__)
+        raise
+    summary = PrepareSummary(
+        dataset=name, out=out, counts={s: counts[s] for s in SPLITS if counts[s]},
+        unreadable=unreadable, elapsed=0.0, files=files, notes=scan.notes,
+    )
+    write_json(out / SUMMARY_FILE, summary.to_dict())
+    writer.close(extra={"source": str(root.resolve()), "prepared_by": __name__, "limit": limit, "video": video})
+    stats_split = _stats_split(summary.counts)
+    if stat_clips[stats_split]:
+        save_stats(out, stats_from_moments(moments[stats_split], features, stat_clips[stats_split]))
+    else:
+        summary.notes.append(f"split {stats_split!r} has no audio: {STATS_FILE} not written")
+    summary.elapsed = time.monotonic() - started
+    write_json(out / SUMMARY_FILE, summary.to_dict())
+    return summary
