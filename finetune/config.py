@@ -1,0 +1,134 @@
+"""Run-config section of the fine-tuning heads: `HeadConfig` (owned by `avssl.finetune.heads.TaskModel`).
+
+Defaults and where they come from:
+- task defaults: emotion = 6 classes (CREMA-D: ANG DIS FEA HAP NEU SAD), mean pooling; spoof = 2 classes
+  (class 1 = bona fide, class 0 = spoof, see heads.py), mean pooling; speaker = AAM-softmax (margin 0.2,
+  scale 30) on a 192-d embedding over attentive statistics pooling (WeSpeaker / ECAPA practice). The
+  speaker count is not known to the recipe: the runner sets `num_classes` from the training list.
+- fusion: "joint" (one audio-visual sequence through the shared backbone, as pretraining's
+  reconstruction view); "late" (each modality encoded alone with its own head, scores averaged);
+  "dca" (gated dynamic cross-attention, arXiv:2403.04661, temperature 0.1).
+- co-learning (L_AV + L_A + L_V) on whenever both modalities are used, so each modality alone keeps
+  working (the seed paper's interactive co-learning).
+- optimization: layer-wise LR decay 0.75 (MAE / BEiT fine-tuning), head at the full rate.
+
+A value left out of a recipe takes the task's default (`num_classes`, `pooling`) or follows
+`modalities` (`co_learning` is off by default for a single modality); a value set explicitly is checked.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Annotated, Any, Literal
+
+from pydantic import Field, model_validator
+
+from avssl.config import Section
+
+Task = Literal["emotion", "speaker", "spoof"]
+Modality = Literal["audio", "video"]
+Fusion = Literal["joint", "late", "dca"]
+Pooling = Literal["mean", "asp"]
+
+# Fixed class counts of the tasks whose label set is known in advance (speaker: set by the runner).
+DEFAULT_NUM_CLASSES: dict[str, int | None] = {"emotion": 6, "speaker": None, "spoof": 2}
+DEFAULT_POOLING: dict[str, str] = {"emotion": "mean", "speaker": "asp", "spoof": "mean"}
+
+Probability = Annotated[float, Field(ge=0.0, le=1.0)]
+
+
+class HeadConfig(Section):
+    """A task head on the AVViT backbone: task, inputs, fusion, pooling, loss and optimizer scales."""
+
+    task: Task
+    # Output classes. emotion: 6 by default; spoof: exactly 2 (1 = bona fide, 0 = spoof); speaker: the
+    # number of training speakers, set by the runner before the model is built.
+    num_classes: Annotated[int, Field(ge=2)] | None = None
+    # Inputs the model uses; a recipe without video for a task is ["audio"].
+    modalities: list[Modality] = Field(default_factory=lambda: ["audio", "video"], min_length=1, max_length=2)
+    # joint = audio+video tokens in one backbone sequence (joint attention), pooled;
+    # late = each modality encoded alone with its own head, log-probs (classification) or cosine
+    #        scores (speaker) averaged over the modalities a sample has;
+    # dca = each modality encoded alone, then gated dynamic cross-attention over both token sequences,
+    #       each pooled, pooled features averaged over the modalities a sample has.
+    fusion: Fusion = "joint"
+    # Token pooling: mean of real tokens, or attentive statistics pooling (ECAPA-style, mean + std).
+    # Default: asp for speaker, mean otherwise.
+    pooling: Pooling = "mean"
+    # Channels of the attention bottleneck of attentive statistics pooling (ECAPA-TDNN: 128).
+    asp_bottleneck: Annotated[int, Field(ge=1)] = 128
+    # Speaker embedding size (ECAPA / WeSpeaker: 192).
+    embedding_dim: Annotated[int, Field(ge=1)] = 192
+    # Dropout on the pooled features before the classifier / embedding layer.
+    dropout: Annotated[float, Field(ge=0.0, lt=1.0)] = 0.1
+    # Gate temperature of the DCA head (arXiv:2403.04661: 0.1; lower = harder choice per token).
+    dca_temperature: Annotated[float, Field(gt=0.0)] = 0.1
+    # Additive angular margin softmax (speaker): margin in radians and scale (WeSpeaker: 0.2, 32; 30 here).
+    aam_margin: Annotated[float, Field(ge=0.0, lt=math.pi / 2)] = 0.2
+    aam_scale: Annotated[float, Field(gt=0.0)] = 30.0
+    # Steps over which the margin rises linearly from 0 to aam_margin (0 = full margin from step 0).
+    margin_warmup_steps: Annotated[int, Field(ge=0)] = 0
+    # Per-class loss weights (e.g. inverse class frequency), one per class; None = unweighted.
+    class_weights: list[Annotated[float, Field(gt=0.0)]] | None = None
+    label_smoothing: Annotated[float, Field(ge=0.0, lt=1.0)] = 0.0
+    # Train-time probability that an audio-visual sample loses one of its modalities (which one:
+    # 50/50); a sample never loses both. AV-HuBERT uses 0.5 in pretraining.
+    modality_dropout: Probability = 0.0
+    # loss = L_AV + L_A + L_V (each modality alone keeps working); needs both modalities.
+    co_learning: bool = True
+    # Linear probe: backbone weights frozen (requires_grad False) and kept in eval mode.
+    freeze_backbone: bool = False
+    # Layer-wise LR decay of the backbone for full fine-tuning (1.0 = no decay).
+    layer_decay: Annotated[float, Field(gt=0.0, le=1.0)] = 0.75
+    # LR scale of the head parameters (relative to the base LR).
+    head_lr_scale: Annotated[float, Field(gt=0.0)] = 1.0
+
+    @model_validator(mode="before")
+    @classmethod
+    def _task_defaults(cls, data: Any) -> Any:
+        """Fill what a recipe left out from the task and the modalities (at construction only)."""
+        if not isinstance(data, dict):
+            return data
+        task = data.get("task")
+        data = dict(data)
+        if data.get("num_classes") is None and task in DEFAULT_NUM_CLASSES:
+            data["num_classes"] = DEFAULT_NUM_CLASSES[task]
+        if "pooling" not in data and task in DEFAULT_POOLING:
+            data["pooling"] = DEFAULT_POOLING[task]
+        modalities = data.get("modalities")
+        if "co_learning" not in data and isinstance(modalities, list) and len(set(modalities)) < 2:
+            data["co_learning"] = False
+        return data
+
+    @model_validator(mode="after")
+    def _consistent(self) -> HeadConfig:
+        if len(set(self.modalities)) != len(self.modalities):
+            raise ValueError(f"modalities {self.modalities} lists a modality twice")
+        both = self.both_modalities
+        if self.fusion in ("late", "dca") and not both:
+            raise ValueError(
+                f"fusion {self.fusion!r} combines two modalities but modalities is {self.modalities}: "
+                "use modalities: [audio, video] or fusion: joint"
+            )
+        if self.co_learning and not both:
+            raise ValueError(
+                f"co_learning trains L_AV + L_A + L_V and needs both modalities (got {self.modalities}): "
+                "set co_learning: false"
+            )
+        if self.modality_dropout > 0 and not both:
+            raise ValueError(f"modality_dropout drops one of two modalities (got {self.modalities}): set it to 0")
+        if self.task == "emotion" and self.num_classes is None:
+            raise ValueError("num_classes: the emotion task needs a class count (CREMA-D: 6)")
+        if self.task == "spoof" and self.num_classes != 2:
+            raise ValueError(f"num_classes: the spoof task has 2 classes (bona fide, spoof), not {self.num_classes}")
+        weights = self.class_weights
+        if weights is not None and self.num_classes is not None and len(weights) != self.num_classes:
+            raise ValueError(f"class_weights: {len(weights)} values for num_classes={self.num_classes}, need one per class")
+        return self
+
+    @property
+    def both_modalities(self) -> bool:
+        return set(self.modalities) == {"audio", "video"}
+
+
+__all__ = ["DEFAULT_NUM_CLASSES", "DEFAULT_POOLING", "HeadConfig"]
