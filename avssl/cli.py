@@ -120,6 +120,142 @@ def cmd_export(args: argparse.Namespace) -> None:
     console.print(f"[green]released[/green] {checkpoint} -> {out}")
 
 
+# ----------------------------------------------------------------------------- finetune and evaluate
+
+
+def _print_report(report: dict) -> None:
+    from avssl.finetune.evaluate import summary_rows
+
+    title = f"{report['task']}{' (zero-shot)' if report.get('zero_shot') else ''} on {report['corpus']} [{report['split']}]"
+    table = Table(title=title)
+    for col in ("modality", "metric", "", ""):
+        table.add_column(col)
+    for row in summary_rows(report):
+        table.add_row(*row)
+    console.print(table)
+
+
+def log_report(report: dict, out: Path, uri: str, run_id: str) -> None:
+    """Evaluation metrics (eval.<mode>.<metric>), report.json and plots into an MLflow run."""
+    from avssl.cluster.config import MlflowConfig
+    from avssl.cluster.tracking import MlflowLogger
+
+    metrics = {}
+    for mode, r in report["results"].items():
+        for key, value in r.items():
+            if isinstance(value, (int, float)) and not isinstance(value, bool):
+                metrics[f"eval.{mode}.{key}".replace("@", "_")] = float(value)
+    logger = MlflowLogger(uri, run_id, MlflowConfig())
+    logger.log_metrics(metrics, step=0)
+    logger.log_artifact(out, "evaluation")
+    logger.finish(status=None, timeout_s=60)
+
+
+def cmd_finetune(args: argparse.Namespace) -> None:
+    from avssl.config import load_config
+    from avssl.cluster.launch import result_summary
+    from avssl.finetune.evaluate import evaluate
+    from avssl.finetune.recipe import FinetuneRecipe
+    from avssl.finetune.runner import run_finetuning
+
+    overrides = list(args.overrides) + ([f"init.source={args.init}"] if args.init else [])
+    recipe = load_config(FinetuneRecipe, args.config, overrides)
+    result = run_finetuning(recipe, address=args.address)
+    console.print(result_summary(result), highlight=False)
+    if result.status == "PREEMPTED":
+        raise SystemExit(143)
+    if result.release is None:
+        return
+    corpus = Path(recipe.data.corpus)
+    out = result.run_dir / "avssl" / "eval"
+    report = evaluate(result.release, corpus, out, split=recipe.eval.split,
+                      trials=corpus / recipe.eval.trials if recipe.eval.trials else None, modes=recipe.eval.modes,
+                      batch_size=recipe.eval.batch_size, as_norm_cohort=recipe.eval.as_norm_cohort)
+    _print_report(report)
+    if result.mlflow_run_id:
+        log_report(report, out, result.tracking_uri, result.mlflow_run_id)
+
+
+def cmd_evaluate(args: argparse.Namespace) -> None:
+    from avssl.cluster.config import MlflowConfig
+    from avssl.cluster.tracking import open_run, resolve_tracking_uri
+    from avssl.finetune.evaluate import evaluate
+
+    checkpoint = Path(args.checkpoint)
+    out = Path(args.out or checkpoint.parent / f"eval-{checkpoint.name}-{args.task}{'-zeroshot' if args.zero_shot else ''}")
+    report = evaluate(checkpoint, Path(args.data), out, task=args.task, split=args.split,
+                      trials=Path(args.trials) if args.trials else None, modes=args.modes, zero_shot=args.zero_shot,
+                      batch_size=args.batch_size, as_norm_cohort=args.as_norm)
+    _print_report(report)
+    console.print(f"report: {out / 'report.json'}")
+    if not args.no_mlflow:
+        cfg = MlflowConfig(experiment=args.experiment)
+        uri = resolve_tracking_uri(cfg, "runs")
+        run_id = open_run(cfg, uri, f"eval:{checkpoint.resolve()}:{args.task}:{args.split}{':zs' if args.zero_shot else ''}", "runs")
+        log_report(report, out, uri, run_id)
+        from avssl.cluster.tracking import MlflowLogger
+
+        MlflowLogger(uri, run_id, cfg).finish(status="FINISHED")
+        console.print(f"MLflow: {uri} run {run_id}")
+
+
+def cmd_embed(args: argparse.Namespace) -> None:
+    import numpy as np
+
+    from avssl.finetune.inference import embed_files
+
+    emb, names = embed_files(Path(args.checkpoint), [Path(f) for f in args.files], args.batch_size, args.device)
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    np.save(out, emb)
+    out.with_suffix(".json").write_text(__import__("json").dumps(names, indent=1))
+    console.print(f"{len(names)} embeddings of size {emb.shape[1]} -> {out} (file order in {out.with_suffix('.json')})")
+
+
+def cmd_verify(args: argparse.Namespace) -> None:
+    from avssl.finetune.inference import verify
+
+    r = verify(Path(args.checkpoint), Path(args.a), Path(args.b), args.threshold)
+    verdict = "same speaker" if r["same_speaker"] else "different speakers"
+    console.print(f"score {r['score']:.4f} ({r['mode'].upper()}) threshold {r['threshold']:.4f}: [bold]{verdict}[/bold]")
+
+
+def cmd_predict(args: argparse.Namespace) -> None:
+    from avssl.finetune.inference import predict
+
+    rows = predict(Path(args.checkpoint), [Path(f) for f in args.files], args.batch_size, args.device)
+    table = Table(title=f"{args.task} predictions")
+    table.add_column("file", overflow="fold")
+    table.add_column("label")
+    table.add_column("probabilities")
+    for r in rows:
+        probs = r.get("probabilities") or {"bonafide": r["p_bonafide"]}
+        table.add_row(r["file"], r["label"], " ".join(f"{k}:{v:.2f}" for k, v in probs.items()))
+    console.print(table)
+
+
+def cmd_prove(args: argparse.Namespace) -> None:
+    from avssl.finetune.proof import prove
+
+    result = prove(Path(args.pretrained), Path(args.data), Path(args.out), args.steps, Path(args.storage), tuple(args.tasks),
+                   args.overrides)
+    table = Table(title=f"pretrained vs random backbone: same head, data and {args.steps} finetuning steps")
+    for col in ("task", "modality", "metric", "pretrained", "random", "better"):
+        table.add_column(col)
+    for t in result["table"]:
+        table.add_row(t["task"], t["mode"], t["metric"], f"{t['pretrained']:.1f}", f"{t['random']:.1f}",
+                      "[green]yes[/green]" if t["pretrained_better"] else "[red]no[/red]")
+    console.print(table)
+    console.print(f"written: {Path(args.out) / 'proof.md'}, {Path(args.out) / 'proof.json'}")
+
+
+def cmd_data_prepare(args: argparse.Namespace) -> None:
+    from avssl.finetune.prepare import prepare_dataset
+
+    summary = prepare_dataset(args.dataset, Path(args.root), Path(args.out), limit=args.limit, video=not args.no_video)
+    console.print(summary.describe() if hasattr(summary, "describe") else summary, highlight=False)
+
+
 # ----------------------------------------------------------------------------- cluster jobs
 
 
@@ -220,6 +356,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="data/demo", help="corpus directory to create (default: data/demo)")
     p.set_defaults(func=cmd_data_synth)
 
+    p = data.add_parser("prepare", help="convert a real dataset (VoxCeleb, CREMA-D, RAVDESS, ASVspoof, In-the-Wild) to shards")
+    p.add_argument("dataset", help="voxceleb1, voxceleb2, cremad, ravdess, asvspoof2019_la, asvspoof2021_la, asvspoof2021_df, in_the_wild")
+    p.add_argument("--root", required=True, help="the dataset as downloaded")
+    p.add_argument("--out", required=True, help="corpus directory to write")
+    p.add_argument("--limit", type=int, default=None, help="at most this many utterances (smoke runs)")
+    p.add_argument("--no-video", action="store_true", help="audio only, even where the dataset has video")
+    p.set_defaults(func=cmd_data_prepare)
+
     p = data.add_parser("stats", help="compute fbank normalization statistics of a corpus (writes stats.json)")
     p.add_argument("corpus", help="corpus directory")
     p.add_argument("--split", default="train")
@@ -262,6 +406,62 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("job_id", nargs="?", default=None)
     _ray_args(p)
     p.set_defaults(func=cmd_jobs)
+
+    p = top.add_parser("finetune", help="finetune a task head on the Ray + DeepSpeed runner, then evaluate it")
+    _add_config_args(p, "configs/finetune/emotion.yaml")
+    p.add_argument("--init", default=None, metavar="SOURCE",
+                   help="release directory, pretraining run directory, or models:/NAME/VERSION (default: random init)")
+    p.add_argument("--address", default=None, help="Ray cluster address (default: RAY_ADDRESS, else a local instance)")
+    p.set_defaults(func=cmd_finetune)
+
+    p = top.add_parser("evaluate", help="evaluate a release on a corpus: JSON report, plots, MLflow")
+    p.add_argument("--checkpoint", required=True, help="a finetuned release (or a pretrained one with --zero-shot)")
+    p.add_argument("--task", required=True, choices=["emotion", "speaker", "spoof"])
+    p.add_argument("--data", required=True, help="corpus directory")
+    p.add_argument("--split", default="test")
+    p.add_argument("--trials", default=None, help="speaker: VoxCeleb-format trial list (default: the corpus's first)")
+    p.add_argument("--modes", nargs="+", default=["av", "a", "v"], choices=["av", "a", "v"])
+    p.add_argument("--zero-shot", action="store_true", help="speaker: score a pretrained backbone without finetuning")
+    p.add_argument("--as-norm", type=int, default=0, metavar="N", help="speaker: AS-Norm with a top-N train cohort")
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--out", default=None, help="report folder (default: beside the checkpoint)")
+    p.add_argument("--experiment", default="avssl-eval", help="MLflow experiment for the evaluation run")
+    p.add_argument("--no-mlflow", action="store_true")
+    p.set_defaults(func=cmd_evaluate)
+
+    p = top.add_parser("embed", help="write embeddings of media files (wav, flac, mp4)")
+    p.add_argument("files", nargs="+")
+    p.add_argument("--checkpoint", required=True)
+    p.add_argument("--out", default="embeddings.npy")
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--device", default="cuda" if _cuda() else "cpu")
+    p.set_defaults(func=cmd_embed)
+
+    p = top.add_parser("verify", help="speaker verification of two files at the calibrated threshold")
+    p.add_argument("a")
+    p.add_argument("b")
+    p.add_argument("--checkpoint", required=True)
+    p.add_argument("--threshold", type=float, default=None, help="default: the release's calibrated EER threshold")
+    p.set_defaults(func=cmd_verify)
+
+    p = top.add_parser("predict", help="emotion or spoof labels and probabilities for media files")
+    p.add_argument("files", nargs="+")
+    p.add_argument("--task", required=True, choices=["emotion", "spoof"])
+    p.add_argument("--checkpoint", required=True)
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--device", default="cuda" if _cuda() else "cpu")
+    p.set_defaults(func=cmd_predict)
+
+    p = top.add_parser("prove", help="pretrained vs random backbone on every task and modality (the proof it learns)")
+    p.add_argument("--pretrained", default="runs/demo/avssl/release", help="the pretrained release to test")
+    p.add_argument("--data", default="data/demo")
+    p.add_argument("--steps", type=int, default=100, help="finetuning steps per run")
+    p.add_argument("--tasks", nargs="+", default=["speaker", "emotion", "spoof"], choices=["speaker", "emotion", "spoof"])
+    p.add_argument("--storage", default="runs/prove", help="where the finetuning runs go")
+    p.add_argument("--out", default="runs/prove/report")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY.PATH=VALUE",
+                   help="override every finetuning recipe, e.g. --set head.freeze_backbone=true (linear probe)")
+    p.set_defaults(func=cmd_prove)
 
     bench = top.add_parser("bench", help="benchmarks that print ratios against a baseline run alongside").add_subparsers(
         dest="bench_command", required=True, metavar="SUBCOMMAND"

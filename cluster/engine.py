@@ -75,6 +75,8 @@ def build_engine(model: torch.nn.Module, ds: DeepSpeedConfig, optim: OptimConfig
 
     cfg = deepspeed_config(ds, optim, micro_batch, world_size, device)
     groups = groups if groups is not None else param_groups(model, optim.weight_decay)
+    for group in groups:  # layer-wise decay and head scaling: scale the peak lr per group
+        group["lr"] = absolute_lr * group.get("lr_scale", 1.0)
     opt = torch.optim.AdamW(
         groups, lr=absolute_lr, betas=tuple(optim.betas), eps=optim.eps, fused=device.type == "cuda"
     )

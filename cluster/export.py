@@ -14,8 +14,9 @@ from __future__ import annotations
 import json
 import shutil
 import tempfile
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 
@@ -25,6 +26,10 @@ from avssl.config import load_config, to_yaml
 
 FEATURES_FILE = "avssl_features.json"
 RUN_CONFIG = "config.yaml"  # in <storage>/<name>/avssl/
+PRETRAINED_PURPOSE = (
+    "One ViT backbone shared by audio (log-mel filterbank) and video (face frames), pretrained\n"
+    "without labels by contrastive learning with asymmetric masking plus masked data modeling."
+)
 
 
 def consolidated_state_dict(checkpoint_dir: Path, tag: str = "ds") -> dict[str, torch.Tensor]:
@@ -61,46 +66,63 @@ def run_recipe(checkpoint: Path) -> PretrainRecipe:
     return load_config(PretrainRecipe, path)
 
 
-def export_release(checkpoint: Path, out: Path, recipe: PretrainRecipe, metrics: dict[str, Any] | None = None) -> Path:
-    """Write the release directory atomically (built beside `out`, then renamed)."""
-    from avssl.data.features import load_stats
-    from avssl.pretrain.config import build_model
-
-    checkpoint, out = Path(checkpoint), Path(out)
-    model = build_model(recipe.model, recipe.masking, recipe.loss)
+def load_consolidated(model: torch.nn.Module, checkpoint: Path) -> torch.nn.Module:
+    """Load a DeepSpeed checkpoint's consolidated weights into a freshly built model. Frozen
+    parameters (the fixed sin-cos position tables, a frozen backbone) are not in ZeRO's
+    consolidated weights; they never changed, so the fresh model's values are right."""
     missing, unexpected = model.load_state_dict(consolidated_state_dict(checkpoint), strict=False)
-    # Frozen parameters (the fixed sin-cos position tables) are not in ZeRO's consolidated
-    # weights; they are a function of the config, so the freshly built model's values are right.
     frozen = {name for name, p in model.named_parameters() if not p.requires_grad}
     missing = [k for k in missing if k not in frozen]
     if missing or unexpected:
         raise AvsslError(f"{checkpoint}: weights do not fit the recipe's model (missing {missing[:3]}, unexpected {unexpected[:3]})")
+    return model
+
+
+def feature_settings(recipe: Any) -> dict[str, Any]:
+    """What reproduces a model's inputs: fbank settings and statistics, clip length, face size."""
+    from avssl.data.features import load_stats
+
+    try:
+        stats = load_stats(Path(recipe.data.corpus)).model_dump()
+    except AvsslError:
+        stats = None
+    return {
+        "features": recipe.features.model_dump(mode="json"),
+        "fbank_stats": stats,
+        "clip_seconds": recipe.data.clip_seconds,
+        "modalities": recipe.data.modalities,
+    }
+
+
+@contextmanager
+def atomic_directory(out: Path) -> Iterator[Path]:
+    """Build a directory beside `out` and rename it into place only when complete."""
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:
-        model.avvit.save_pretrained(tmp, safe_serialization=True)
-        try:
-            stats = load_stats(Path(recipe.data.corpus)).model_dump()
-        except AvsslError:
-            stats = None
-        features = {
-            "features": recipe.features.model_dump(mode="json"),
-            "fbank_stats": stats,
-            "clip_seconds": recipe.data.clip_seconds,
-            "modalities": recipe.data.modalities,
-        }
-        (tmp / FEATURES_FILE).write_text(json.dumps(features, indent=2))
-        (tmp / "README.md").write_text(model_card(recipe, checkpoint, metrics or {}))
+        yield tmp
         if out.exists():
             shutil.rmtree(out)
         tmp.rename(out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def export_release(checkpoint: Path, out: Path, recipe: PretrainRecipe, metrics: dict[str, Any] | None = None) -> Path:
+    """Write the backbone release directory atomically."""
+    from avssl.pretrain.config import build_model
+
+    checkpoint, out = Path(checkpoint), Path(out)
+    model = load_consolidated(build_model(recipe.model, recipe.masking, recipe.loss), checkpoint)
+    with atomic_directory(out) as tmp:
+        model.avvit.save_pretrained(tmp, safe_serialization=True)
+        (tmp / FEATURES_FILE).write_text(json.dumps(feature_settings(recipe), indent=2))
+        (tmp / "README.md").write_text(model_card(recipe, checkpoint, metrics or {}))
     return out
 
 
-def model_card(recipe: PretrainRecipe, checkpoint: Path, metrics: dict[str, Any]) -> str:
+def model_card(recipe: Any, checkpoint: Path, metrics: dict[str, Any], purpose: str | None = None) -> str:
     rows = "\n".join(f"| {k} | {v:.6g} |" if isinstance(v, float) else f"| {k} | {v} |" for k, v in sorted(metrics.items()))
     return f"""---
 library_name: transformers
@@ -108,8 +130,7 @@ tags: [avssl, audio-visual, self-supervised, speech]
 ---
 # {recipe.trainer.name}: avssl audio-visual ViT ({recipe.model.arch})
 
-One ViT backbone shared by audio (log-mel filterbank) and video (face frames), pretrained
-without labels by contrastive learning with asymmetric masking plus masked data modeling.
+{purpose or PRETRAINED_PURPOSE}
 
 ```python
 import avssl.pretrain  # registers the avvit model type with transformers

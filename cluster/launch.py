@@ -55,7 +55,7 @@ def init_ray(address: str | None) -> None:
     if address:
         ray.init(address=address, log_to_driver=True)
     else:  # the embedded default: a private local instance
-        ray.init(include_dashboard=False, log_to_driver=True)
+        ray.init(log_to_driver=True)  # the dashboard hosts the state API Ray Train polls
 
 
 def check_shared_storage(storage: Path) -> None:
@@ -167,7 +167,7 @@ def plot_loss_curves(uri: str, run_id: str, out: Path) -> Path | None:
     return out
 
 
-def check_corpus(recipe: PretrainRecipe) -> PretrainRecipe:
+def check_corpus(recipe: Any) -> Any:
     """Fail before starting any worker if the corpus or its statistics are missing, and pass
     workers an absolute path (Ray workers run in their own working directory)."""
     from avssl.data.features import load_stats
@@ -180,6 +180,16 @@ def check_corpus(recipe: PretrainRecipe) -> PretrainRecipe:
 
 
 def run_pretraining(recipe: PretrainRecipe, address: str | None = None) -> RunResult:
+    """Pretraining: the shared runner with the pretraining workload and a backbone release."""
+    return run_training(recipe, address, kind="pretrain",
+                        export=lambda ckpt, out, metrics: export_release(ckpt, out, recipe, metrics))
+
+
+def run_training(recipe: Any, address: str | None, *, kind: str, export=None,
+                 extra: dict[str, Any] | None = None, prepare=None) -> RunResult:
+    """The one driver for pretraining and finetuning (their recipes share the data, features,
+    optim, deepspeed, trainer and mlflow sections). `prepare(run_dir)` runs after Ray is up and
+    may return extra worker config; `export(checkpoint, out, metrics)` writes the release."""
     import ray.train
     from ray.train.torch import TorchTrainer
 
@@ -197,6 +207,7 @@ def run_pretraining(recipe: PretrainRecipe, address: str | None = None) -> RunRe
     for marker in ("STOP", "PREEMPTED"):
         (control / marker).unlink(missing_ok=True)
     save_resolved(recipe, control / RUN_CONFIG)
+    extra = {**(extra or {}), **((prepare(run_dir) if prepare else None) or {})}
 
     uri = resolve_tracking_uri(recipe.mlflow, storage)
     run_id = None
@@ -231,6 +242,8 @@ def run_pretraining(recipe: PretrainRecipe, address: str | None = None) -> RunRe
     trainer = TorchTrainer(
         train_func,
         train_loop_config={
+            "kind": kind,
+            **extra,
             "recipe": recipe.model_dump(mode="json"),
             "tracking_uri": uri if run_id else None,
             "run_id": run_id,
@@ -258,8 +271,8 @@ def run_pretraining(recipe: PretrainRecipe, address: str | None = None) -> RunRe
         return RunResult("PREEMPTED", run_dir, checkpoint, None, run_id, uri, metrics)
 
     release = None
-    if t.export and checkpoint is not None:
-        release = export_release(checkpoint, control / "release", recipe, metrics)
+    if t.export and checkpoint is not None and export is not None:
+        release = export(checkpoint, control / "release", metrics)
         log.info("released checkpoint: %s", release)
     if tracker:
         plot = plot_loss_curves(uri, run_id, control / "loss_curves.png") if run_id else None

@@ -92,7 +92,7 @@ def _recipe_class(command: str):
 
         return PretrainRecipe
     if command == "finetune":
-        from avssl.finetune.config import FinetuneRecipe  # type: ignore[import-not-found]
+        from avssl.finetune.recipe import FinetuneRecipe
 
         return FinetuneRecipe
     raise AvsslError(f"cannot submit {command!r}: choose pretrain or finetune")

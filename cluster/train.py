@@ -16,6 +16,7 @@ randomness is re-seeded from (seed, rank, step) every step, so it needs no saved
 
 from __future__ import annotations
 
+import abc
 import json
 import logging
 import os
@@ -87,21 +88,66 @@ def _seed(*parts: Any) -> int:
     return zlib.crc32(repr(parts).encode())
 
 
-def _inputs(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
+def batch_inputs(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
     out = {k: batch[k].to(device, non_blocking=True) for k in ("audio", "has_audio", "has_video")}
     out["video"] = batch["video"].to(device, non_blocking=True) if batch["video"] is not None else None
     return out
 
 
-def _tokens_per_sample(model: torch.nn.Module, batch: dict[str, Any]) -> int:
-    cfg = model.config
-    fa, ta = cfg.audio_grid(batch["audio"].shape[1])
+def tokens_per_sample(config: Any, batch: dict[str, Any]) -> int:
+    """Patch tokens one sample carries (audio grid + frames x video grid), from the model config."""
+    fa, ta = config.audio_grid(batch["audio"].shape[1])
     tokens = fa * ta
     if batch["video"] is not None:
         v = batch["video"]
-        gh, gw = cfg.video_grid((v.shape[-2], v.shape[-1]))
+        gh, gw = config.video_grid((v.shape[-2], v.shape[-1]))
         tokens += v.shape[1] * gh * gw
     return tokens
+
+
+class Workload(abc.ABC):
+    """What differs between pretraining and finetuning inside the one training loop: how the
+    model is built, how a batch becomes its inputs, and which outputs are logged."""
+
+    keys: tuple[str, ...] = ("loss",)
+    recipe: Any  # the run's recipe: data, features, optim, deepspeed, trainer, mlflow sections
+
+    @abc.abstractmethod
+    def build(self, world: int) -> tuple[torch.nn.Module, list[dict[str, Any]] | None]:
+        """The model for this rank and its optimizer parameter groups (None: engine's default)."""
+
+    def inputs(self, batch: dict[str, Any], device: torch.device, step: int) -> dict[str, Any]:
+        return batch_inputs(batch, device)
+
+    def values(self, out: Any) -> list[torch.Tensor | None]:
+        return [getattr(out, k, None) for k in self.keys]
+
+    def tokens(self, model: torch.nn.Module, batch: dict[str, Any]) -> int:
+        return tokens_per_sample(model.config, batch)
+
+
+class PretrainWorkload(Workload):
+    keys = ("loss", "loss_reconstruction", "loss_rec_audio", "loss_rec_video", "loss_contrastive", "contrastive_accuracy")
+
+    def __init__(self, recipe: PretrainRecipe) -> None:
+        self.recipe = recipe
+
+    def build(self, world: int):
+        from avssl.pretrain.config import build_model
+
+        r = self.recipe
+        model = build_model(r.model, r.masking, r.loss)
+        if r.deepspeed.activation_checkpointing:
+            model.activation_checkpointing_enable()
+        return model, None
+
+
+def make_workload(config: dict[str, Any]) -> Workload:
+    if config.get("kind", "pretrain") == "finetune":
+        from avssl.finetune.runner import FinetuneWorkload
+
+        return FinetuneWorkload.from_config(config)
+    return PretrainWorkload(PretrainRecipe.model_validate(config["recipe"]))
 
 
 def _memory_mb(device: torch.device) -> float:
@@ -113,10 +159,9 @@ def _memory_mb(device: torch.device) -> float:
 class MetricWindow:
     """Loss components accumulated as tensors between log steps (no host sync per step)."""
 
-    KEYS = ("loss", "loss_reconstruction", "loss_rec_audio", "loss_rec_video", "loss_contrastive", "contrastive_accuracy")
-
-    def __init__(self, device: torch.device) -> None:
+    def __init__(self, device: torch.device, keys: tuple[str, ...]) -> None:
         self.device = device
+        self.KEYS = keys
         self.reset()
 
     def reset(self) -> None:
@@ -128,8 +173,7 @@ class MetricWindow:
         self.data_s = 0.0
         self.t0 = time.perf_counter()
 
-    def add(self, out: Any, samples: int, tokens: int, skipped: int, data_s: float) -> None:
-        vals = [getattr(out, k) for k in self.KEYS]
+    def add(self, vals: list[torch.Tensor | None], samples: int, tokens: int, skipped: int, data_s: float) -> None:
         self.sums += torch.stack([(v if v is not None else torch.zeros((), device=self.device)).detach().double() for v in vals])
         self.micro += 1
         self.samples += samples
@@ -201,10 +245,10 @@ def train_func(config: dict[str, Any]) -> None:
     import ray.train
 
     from avssl.data.loader import StreamingLoader
-    from avssl.pretrain.config import build_model
 
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    recipe = PretrainRecipe.model_validate(config["recipe"])
+    workload = make_workload(config)
+    recipe = workload.recipe
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     t = recipe.trainer
@@ -213,13 +257,11 @@ def train_func(config: dict[str, Any]) -> None:
         torch.cuda.set_device(device)
 
     torch.manual_seed(t.seed)  # identical initialization on every rank
-    model = build_model(recipe.model, recipe.masking, recipe.loss)
-    if recipe.deepspeed.activation_checkpointing:
-        model.activation_checkpointing_enable()
+    model, groups = workload.build(world)
     derived = derive(recipe, world)
     engine, _, scheduler, _ = build_engine(
         model, recipe.deepspeed, recipe.optim, micro_batch=recipe.data.batch_size, world_size=world,
-        absolute_lr=derived["absolute_lr"], total_steps=t.total_steps, device=device,
+        absolute_lr=derived["absolute_lr"], total_steps=t.total_steps, device=device, groups=groups,
     )
     state = TrainState()
     resumed = restore_checkpoint(engine, state)
@@ -236,7 +278,7 @@ def train_func(config: dict[str, Any]) -> None:
             {"rank": rank, "node_id": ray.get_runtime_context().get_node_id(),
              "hostname": socket.gethostname(), "pid": os.getpid(), "device": str(device)}))
     preemption = Preemption(Path(config["stop_file"]) if config.get("stop_file") else None)
-    window = MetricWindow(device)
+    window = MetricWindow(device, workload.keys)
     grad_accum = recipe.deepspeed.grad_accum
     loader.set_epoch(state.epoch, state.batches_in_epoch)
     batches = iter(loader)
@@ -255,10 +297,11 @@ def train_func(config: dict[str, Any]) -> None:
                 data_s = time.perf_counter() - t_data
                 state.batches_in_epoch += 1
                 torch.manual_seed(_seed(t.seed, rank, state.step, state.batches_in_epoch))  # masks
-                out = engine(**_inputs(batch, device))
+                out = engine(**workload.inputs(batch, device, state.step))
                 engine.backward(out.loss)
                 engine.step()
-                window.add(out, len(batch["meta"]), len(batch["meta"]) * _tokens_per_sample(model, batch), batch["skipped"], data_s)
+                n = len(batch["meta"])
+                window.add(workload.values(out), n, n * workload.tokens(model, batch), batch["skipped"], data_s)
             state.step += 1
             last = state.step == t.total_steps
             if state.step % t.log_every == 0 or last or state.step % t.checkpoint_every == 0:
@@ -274,8 +317,8 @@ def train_func(config: dict[str, Any]) -> None:
                 state.skipped_samples += int(metrics["skipped_samples"])
                 logger.log_metrics(metrics, step=state.step)
                 if rank == 0:
-                    log.info("step %d/%d loss %.4f (rec %.4f con %.4f) %.1f samples/s", state.step, t.total_steps,
-                             metrics["loss"], metrics["loss_reconstruction"], metrics["loss_contrastive"], metrics["samples_per_s"])
+                    parts = " ".join(f"{k} {metrics[k]:.4f}" for k in workload.keys)
+                    log.info("step %d/%d %s %.1f samples/s", state.step, t.total_steps, parts, metrics["samples_per_s"])
                 window.reset()
                 stop = _any_rank(preemption.requested, device, world)
                 if state.step % t.checkpoint_every == 0 or last or stop:

@@ -1,0 +1,297 @@
+"""Evaluation of a finetuned (or, for speaker verification, a pretrained) model on a corpus split.
+
+Every task is reported per modality setting: `av` (both inputs), `a` (audio only: video marked
+absent), `v` (video only). A sample that lacks the modality a setting needs is left out of it.
+
+- emotion: WA (accuracy), UA (mean per-class recall), macro and weighted F1, per-class recall,
+  confusion matrix.
+- spoof: EER (interpolated ROC crossing, `finetune.metrics.eer`) and minDCF of the bona fide
+  score (higher = bona fide), overall and per attack (bona fide vs that attack).
+- speaker: cosine scores of L2-normalized embeddings on a VoxCeleb-format trial list; EER and
+  minDCF at P_target 0.01 and 0.05; optional AS-Norm with a top-N cohort from the train split.
+  `zero_shot=True` scores a pretrained backbone's mean-pooled embeddings with no head at all.
+
+Outputs: `report.json`, plots (DET curve, score histograms per class or attack, confusion
+matrix) in `out`, and a table printed by the CLI.
+"""
+
+from __future__ import annotations
+
+import json
+from collections import defaultdict
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+
+from avssl import AvsslError
+from avssl.data.features import FeatureConfig
+from avssl.data.loader import DataConfig, StreamingLoader
+from avssl.finetune import metrics as M
+from avssl.io import write_json
+from avssl.progress import progress_bar
+
+MODES = ("av", "a", "v")
+CALIBRATION_FILE = "calibration.json"
+
+
+def mode_flags(batch: dict[str, Any], mode: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(has_audio, has_video, keep) for a modality setting; keep marks samples that have what it needs."""
+    ha, hv = batch["has_audio"], batch["has_video"]
+    if mode == "av":
+        return ha, hv, ha & hv
+    if mode == "a":
+        return ha, torch.zeros_like(hv), ha.clone()
+    if mode == "v":
+        return torch.zeros_like(ha), hv, hv.clone()
+    raise AvsslError(f"unknown modality setting {mode!r}: use av, a or v")
+
+
+def eval_loader(corpus: Path, split: str, features: dict[str, Any], batch_size: int, modalities: list[str]) -> StreamingLoader:
+    fcfg = FeatureConfig.model_validate(features["features"])
+    data = DataConfig(corpus=str(corpus), split=split, batch_size=batch_size, num_workers=0, crop="center",
+                      clip_seconds=features["clip_seconds"], resampled=False, shuffle_buffer=0, modalities=modalities)
+    return StreamingLoader(data, fcfg)
+
+
+def _forward_all(loader: StreamingLoader, modes: list[str], fn: Callable, total: int | None) -> dict[str, dict[str, list]]:
+    """Run `fn(audio, video, has_audio, has_video, mode) -> [B, ...]` over the split for each mode."""
+    out: dict[str, dict[str, list]] = {m: defaultdict(list) for m in modes}
+    with torch.no_grad(), progress_bar("evaluating", total) as bar:
+        for batch in loader:
+            for mode in modes:
+                ha, hv, keep = mode_flags(batch, mode)
+                if not keep.any():
+                    continue
+                video = batch["video"] if batch["video"] is not None else None
+                values = fn(batch["audio"], video, ha, hv, mode)[keep]
+                out[mode]["values"].append(values.float().cpu())
+                out[mode]["meta"].extend(m for m, k in zip(batch["meta"], keep.tolist()) if k)
+                out[mode]["emotion"].append(batch["emotion"][keep])
+                out[mode]["is_spoof"].append(batch["is_spoof"][keep])
+            bar.advance(len(batch["meta"]))
+    return {m: {k: (torch.cat(v).numpy() if k != "meta" else v) for k, v in d.items()} for m, d in out.items() if d}
+
+
+def evaluate_emotion(model, labels: list[str], loader, modes, total) -> dict[str, Any]:
+    got = _forward_all(loader, modes, lambda a, v, ha, hv, mode: model.scores(a, v, ha, hv), total)
+    report = {}
+    for mode, d in got.items():
+        keep = d["emotion"] >= 0
+        y_true, y_pred = d["emotion"][keep], d["values"][keep].argmax(-1)
+        report[mode] = M.classification_report(y_true, y_pred, labels)
+        report[mode]["n"] = int(keep.sum())
+    return report
+
+
+def evaluate_spoof(model, loader, modes, total) -> tuple[dict[str, Any], dict[str, Any]]:
+    got = _forward_all(loader, modes, lambda a, v, ha, hv, mode: model.scores(a, v, ha, hv), total)
+    report, raw = {}, {}
+    for mode, d in got.items():
+        scores, bona = d["values"], 1 - d["is_spoof"]
+        attacks = np.array([m["attack"] for m in d["meta"]])
+        r = M.binary_report(scores, bona)
+        r["per_attack_eer"] = {
+            a: M.eer(np.concatenate([scores[bona == 1], scores[attacks == a]]),
+                     np.concatenate([np.ones(int((bona == 1).sum())), np.zeros(int((attacks == a).sum()))])).eer
+            for a in sorted(set(attacks) - {"-"})
+        } if (bona == 1).any() and (bona == 0).any() else {}
+        report[mode] = r
+        raw[mode] = {"scores": scores, "labels": bona, "groups": np.where(bona == 1, "bonafide", attacks)}
+    return report, raw
+
+
+def read_trials(path: Path) -> list[tuple[int, str, str]]:
+    trials = []
+    for n, line in enumerate(path.read_text().splitlines(), 1):
+        parts = line.split()
+        if not parts:
+            continue
+        if len(parts) != 3 or parts[0] not in ("0", "1"):
+            raise AvsslError(f"{path}:{n}: expected '<1|0> <enroll> <test>', got {line!r}")
+        trials.append((int(parts[0]), parts[1], parts[2]))
+    if not trials:
+        raise AvsslError(f"{path}: no trials")
+    return trials
+
+
+def _utt(path: str) -> str:
+    return path.rsplit(".", 1)[0] if path.endswith((".wav", ".flac", ".m4a", ".mp4")) else path
+
+
+def as_norm(score: float, e: np.ndarray, t: np.ndarray, cohort: np.ndarray, top: int) -> float:
+    """Adaptive symmetric score normalization with the top-N cohort scores of each side."""
+    se = np.sort(cohort @ e)[-top:]
+    st = np.sort(cohort @ t)[-top:]
+    return 0.5 * ((score - se.mean()) / (se.std() + 1e-8) + (score - st.mean()) / (st.std() + 1e-8))
+
+
+def evaluate_speaker(embed_fn: Callable, loader, trials: list[tuple[int, str, str]], modes, total,
+                     cohort: dict[str, np.ndarray] | None = None, top: int = 0) -> tuple[dict[str, Any], dict[str, Any]]:
+    got = _forward_all(loader, modes, embed_fn, total)
+    report, raw = {}, {}
+    for mode, d in got.items():
+        emb = {m["utterance"]: e for m, e in zip(d["meta"], d["values"])}
+        used = [(lab, _utt(a), _utt(b)) for lab, a, b in trials if _utt(a) in emb and _utt(b) in emb]
+        if not used or len({lab for lab, _, _ in used}) < 2:
+            continue
+        scores = np.array([float(emb[a] @ emb[b]) for _, a, b in used])
+        if cohort is not None and top > 0 and mode in cohort:
+            scores = np.array([as_norm(s, emb[a], emb[b], cohort[mode], top) for s, (_, a, b) in zip(scores, used)])
+        labels = np.array([lab for lab, _, _ in used])
+        r = M.binary_report(scores, labels)
+        r["n_trials"], r["n_missing_trials"] = len(used), len(trials) - len(used)
+        report[mode] = r
+        raw[mode] = {"scores": scores, "labels": labels, "groups": np.where(labels == 1, "target", "nontarget")}
+    return report, raw
+
+
+def plot_binary(raw: dict[str, Any], out: Path, title: str) -> list[Path]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from scipy.stats import norm
+
+    paths = []
+    fig, ax = plt.subplots(figsize=(5, 5))
+    ticks = np.array([0.001, 0.01, 0.05, 0.2, 0.5])
+    for mode, d in raw.items():
+        far, frr, _ = M.det_curve(d["scores"], d["labels"])
+        clip = lambda x: norm.ppf(np.clip(x, 1e-4, 1 - 1e-4))  # noqa: E731
+        ax.plot(clip(far), clip(frr), label=mode.upper())
+    ax.set_xticks(norm.ppf(ticks), [f"{100 * t:g}" for t in ticks])
+    ax.set_yticks(norm.ppf(ticks), [f"{100 * t:g}" for t in ticks])
+    ax.set_xlabel("false acceptance (%)")
+    ax.set_ylabel("false rejection (%)")
+    ax.set_title(f"DET: {title}")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    paths.append(out / "det_curve.png")
+    fig.savefig(paths[-1], dpi=90)
+    plt.close(fig)
+    for mode, d in raw.items():
+        fig, ax = plt.subplots(figsize=(6, 3.5))
+        for group in sorted(set(d["groups"])):
+            ax.hist(d["scores"][d["groups"] == group], bins=30, alpha=0.5, label=str(group))
+        ax.set_title(f"scores by class/attack ({mode.upper()})")
+        ax.legend(fontsize=7)
+        fig.tight_layout()
+        paths.append(out / f"scores_{mode}.png")
+        fig.savefig(paths[-1], dpi=90)
+        plt.close(fig)
+    return paths
+
+
+def plot_confusion(report: dict[str, Any], labels: list[str], out: Path) -> list[Path]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    paths = []
+    for mode, r in report.items():
+        cm = np.array(r["confusion_matrix"])
+        fig, ax = plt.subplots(figsize=(4.5, 4))
+        ax.imshow(cm, cmap="Blues")
+        ax.set_xticks(range(len(labels)), labels, rotation=45)
+        ax.set_yticks(range(len(labels)), labels)
+        for i in range(cm.shape[0]):
+            for j in range(cm.shape[1]):
+                ax.text(j, i, str(cm[i, j]), ha="center", va="center", fontsize=7)
+        ax.set_xlabel("predicted")
+        ax.set_ylabel("true")
+        ax.set_title(f"confusion ({mode.upper()}) UA {100 * r['unweighted_accuracy']:.1f}%")
+        fig.tight_layout()
+        paths.append(out / f"confusion_{mode}.png")
+        fig.savefig(paths[-1], dpi=90)
+        plt.close(fig)
+    return paths
+
+
+def _jsonable(x: Any) -> Any:
+    if isinstance(x, dict):
+        return {str(k): _jsonable(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_jsonable(v) for v in x]
+    if isinstance(x, np.ndarray):
+        return x.tolist()
+    if isinstance(x, (np.floating, np.integer)):
+        return x.item()
+    return x
+
+
+def evaluate(checkpoint: Path, corpus: Path, out: Path, *, task: str | None = None, split: str = "test",
+             trials: Path | None = None, modes: list[str] | None = None, zero_shot: bool = False,
+             batch_size: int = 16, as_norm_cohort: int = 0) -> dict[str, Any]:
+    """Evaluate a release on a corpus split; writes report.json and plots into `out`."""
+    from avssl.data.shards import CorpusIndex
+
+    checkpoint, corpus, out = Path(checkpoint), Path(corpus), Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    modes = list(modes or MODES)
+    index = CorpusIndex.load(corpus)
+    total = index.count(split)
+    if zero_shot:
+        from avssl.cluster.export import FEATURES_FILE
+        from avssl.finetune.heads import zero_shot_embeddings
+        from avssl.pretrain.modeling import AVViTModel
+
+        backbone = AVViTModel.from_pretrained(checkpoint).eval()
+        features = json.loads((checkpoint / FEATURES_FILE).read_text())
+        labels: list[str] = []
+        task = "speaker"
+        embed_fn = lambda a, v, ha, hv, mode: zero_shot_embeddings(backbone, a, v, ha, hv, mode)  # noqa: E731
+    else:
+        from avssl.finetune.runner import load_task_model
+
+        model, labels, features = load_task_model(checkpoint)
+        if task is not None and task != model.cfg.task:
+            raise AvsslError(f"{checkpoint} is a {model.cfg.task} model, not {task}")
+        task = model.cfg.task
+        embed_fn = lambda a, v, ha, hv, mode: model.embed(a, v, ha, hv, mode=mode)  # noqa: E731
+    modalities = features.get("modalities", ["audio", "video"])
+    modes = [m for m in modes if m == "av" or {"a": "audio", "v": "video"}[m] in modalities]
+    loader = eval_loader(corpus, split, features, batch_size, modalities)
+    plots: list[Path] = []
+    if task == "emotion":
+        report = evaluate_emotion(model, labels, loader, modes, total)
+        plots = plot_confusion(report, labels, out)
+    elif task == "spoof":
+        report, raw = evaluate_spoof(model, loader, modes, total)
+        plots = plot_binary(raw, out, "spoof detection (bona fide = target)")
+    else:
+        trials_path = trials or next(iter(sorted((corpus / "trials").glob("*.txt"))), None)
+        if trials_path is None:
+            raise AvsslError(f"{corpus}: no trial list; pass --trials FILE (VoxCeleb format)")
+        cohort = None
+        if as_norm_cohort > 0:
+            train = _forward_all(eval_loader(corpus, "train", features, batch_size, modalities), modes, embed_fn, index.count("train"))
+            cohort = {m: d["values"] for m, d in train.items()}
+        report, raw = evaluate_speaker(embed_fn, loader, read_trials(Path(trials_path)), modes, total, cohort, as_norm_cohort)
+        plots = plot_binary(raw, out, "speaker verification")
+        if not zero_shot:  # the threshold `avssl verify` decides with: EER point on these trials
+            calibration = {m: {"threshold": M.eer(r["scores"], r["labels"]).threshold, "trials": str(trials_path)} for m, r in raw.items()}
+            write_json(checkpoint / CALIBRATION_FILE, calibration)
+    full = _jsonable({"task": task, "checkpoint": str(checkpoint), "corpus": str(corpus), "split": split,
+                      "zero_shot": zero_shot, "eer_method": "ROC crossing with linear interpolation",
+                      "results": report, "plots": [p.name for p in plots]})
+    write_json(out / "report.json", full)
+    return full
+
+
+def summary_rows(report: dict[str, Any]) -> list[tuple[str, ...]]:
+    """(mode, metric, value) rows for the printed table."""
+    rows = []
+    for mode, r in report["results"].items():
+        if report["task"] == "emotion":
+            rows.append((mode.upper(), f"UA {100 * r['unweighted_accuracy']:.1f}%", f"WA {100 * r['accuracy']:.1f}%",
+                         f"macro-F1 {100 * r['f1_macro']:.1f}%"))
+        else:
+            extra = ""
+            if report["task"] == "spoof" and r.get("per_attack_eer"):
+                extra = " ".join(f"{a}:{100 * e:.1f}%" for a, e in r["per_attack_eer"].items())
+            rows.append((mode.upper(), f"EER {100 * r['eer']:.2f}%", f"minDCF0.01 {r['min_dcf_0.01']:.3f}", extra))
+    return rows

@@ -1,0 +1,205 @@
+"""Finetuning on the pretraining runner: Ray workers, DeepSpeed, checkpoints, resume, MLflow.
+
+`run_finetuning(recipe)` resolves where the backbone comes from (a release directory, a
+pretraining run's latest checkpoint, or an MLflow model URI), copies it into the run's storage
+so that every node reads the same weights, and runs the shared driver with the finetuning
+workload. The finetuned release holds the backbone (`backbone/`, Hugging Face format), the
+head (`head.safetensors`, `head.json`), the label names and the feature settings.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from avssl import AvsslError
+from avssl.cluster.export import FEATURES_FILE, export_release, latest_checkpoint, run_recipe
+from avssl.cluster.train import Workload, batch_inputs, tokens_per_sample
+from avssl.data.schema import EMOTIONS
+from avssl.finetune.recipe import FinetuneRecipe
+
+HEAD_WEIGHTS = "head.safetensors"
+HEAD_CONFIG = "head.json"
+LABELS_FILE = "labels.json"
+SPOOF_LABELS = ["spoof", "bonafide"]  # class index 1 = bona fide: scores are P(bona fide)
+
+
+def resolve_init(source: str, dest: Path) -> Path:
+    """Any supported SOURCE -> a release directory at `dest` (in the run's shared storage)."""
+    if (dest / "config.json").is_file():
+        return dest  # resumed run: already resolved
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    if source.startswith("models:/") or source.startswith("runs:/"):
+        import mlflow.artifacts
+
+        with tempfile.TemporaryDirectory() as tmp:
+            local = Path(mlflow.artifacts.download_artifacts(artifact_uri=source, dst_path=tmp))
+            release = local if (local / "config.json").is_file() else next(local.rglob("config.json"), None)
+            if release is None:
+                raise AvsslError(f"{source}: the registered model holds no avssl release (no config.json)")
+            shutil.copytree(release.parent if release.name == "config.json" else release, dest)
+        return dest
+    path = Path(source)
+    if (path / "config.json").is_file():
+        shutil.copytree(path / "backbone" if (path / "backbone" / "config.json").is_file() else path, dest)
+        for extra in (FEATURES_FILE,):
+            if (path / extra).is_file() and not (dest / extra).is_file():
+                shutil.copy(path / extra, dest / extra)
+        return dest
+    if path.is_dir():
+        checkpoint = latest_checkpoint(path)
+        return export_release(checkpoint, dest, run_recipe(checkpoint))
+    raise AvsslError(
+        f"--init {source}: not a release directory (config.json), a run directory (checkpoint_*) or models:/NAME/VERSION"
+    )
+
+
+def check_release_fits(release: Path, recipe: FinetuneRecipe) -> None:
+    """The data pipeline must produce what the released backbone was trained on."""
+    cfg = json.loads((release / "config.json").read_text())
+    f = recipe.features
+    for key, want in (("audio_num_mel_bins", f.num_mel_bins), ("video_image_size", f.image_size)):
+        if key in cfg and cfg[key] != want:
+            raise AvsslError(f"{release}: the backbone expects {key}={cfg[key]} but the recipe's features give {want}; "
+                             f"set features.{'num_mel_bins' if 'mel' in key else 'image_size'}={cfg[key]}")
+
+
+def label_names(recipe: FinetuneRecipe) -> list[str]:
+    from avssl.data.shards import CorpusIndex
+
+    task = recipe.head.task
+    if task == "emotion":
+        return list(EMOTIONS)
+    if task == "spoof":
+        return list(SPOOF_LABELS)
+    speakers = CorpusIndex.load(recipe.data.corpus).speakers(recipe.data.split)
+    if len(speakers) < 2:
+        raise AvsslError(f"{recipe.data.corpus}: speaker training needs at least 2 speakers in split {recipe.data.split!r}")
+    return speakers
+
+
+def head_config(recipe: FinetuneRecipe, labels: list[str]):
+    return recipe.head.model_copy(update={"num_classes": len(labels)})
+
+
+def build_task_model(recipe: FinetuneRecipe, labels: list[str], init_dir: str | None):
+    """Backbone from the release (or random init of `recipe.model`) + the task head."""
+    from avssl.finetune.heads import TaskModel
+    from avssl.pretrain.config import avvit_config_from_sections
+    from avssl.pretrain.modeling import AVViTModel
+
+    if init_dir:
+        backbone = AVViTModel.from_pretrained(init_dir)
+    else:
+        backbone = AVViTModel(avvit_config_from_sections(recipe.model))
+    return TaskModel(backbone, head_config(recipe, labels))
+
+
+def batch_labels(task: str, batch: dict[str, Any], label_index: dict[str, int]) -> torch.Tensor:
+    if task == "emotion":
+        return batch["emotion"]
+    if task == "spoof":
+        return batch["is_spoof"]
+    return torch.tensor([label_index[m["speaker"]] for m in batch["meta"]])
+
+
+class FinetuneWorkload(Workload):
+    keys = ("loss", "accuracy")
+
+    def __init__(self, recipe: FinetuneRecipe, labels: list[str], init_dir: str | None) -> None:
+        self.recipe, self.labels, self.init_dir = recipe, labels, init_dir
+        self.index = {name: i for i, name in enumerate(labels)}
+        self._targets: torch.Tensor | None = None
+
+    @classmethod
+    def from_config(cls, config: dict[str, Any]) -> "FinetuneWorkload":
+        return cls(FinetuneRecipe.model_validate(config["recipe"]), config["labels"], config.get("init_dir"))
+
+    def build(self, world: int):
+        model = build_task_model(self.recipe, self.labels, self.init_dir)
+        self._model = model
+        return model, model.param_groups(self.recipe.optim.weight_decay)
+
+    def inputs(self, batch: dict[str, Any], device: torch.device, step: int) -> dict[str, Any]:
+        labels = batch_labels(self.recipe.head.task, batch, self.index).to(device)
+        # The class indices the logits are over (spoof: 1 = bona fide), -1 = unlabelled.
+        self._targets = self._model.targets(labels)
+        return {**batch_inputs(batch, device), "labels": labels, "step": step}
+
+    def values(self, out: Any) -> list[torch.Tensor | None]:
+        accuracy = None
+        if out.logits is not None and self._targets is not None:
+            labelled = self._targets >= 0
+            hits = (out.logits.argmax(-1) == self._targets) & labelled
+            accuracy = hits.sum().float() / labelled.sum().clamp(min=1)
+        return [out.loss, accuracy]
+
+    def tokens(self, model: torch.nn.Module, batch: dict[str, Any]) -> int:
+        return tokens_per_sample(model.backbone.config, batch)
+
+
+def export_finetuned(checkpoint: Path, out: Path, recipe: FinetuneRecipe, labels: list[str], init_dir: str | None,
+                     metrics: dict[str, Any] | None = None) -> Path:
+    """Backbone (HF format) + head (safetensors) + labels + feature settings, written atomically."""
+    from safetensors.torch import save_file
+
+    from avssl.cluster.export import atomic_directory, feature_settings, load_consolidated, model_card
+
+    model = load_consolidated(build_task_model(recipe, labels, init_dir), checkpoint)
+    with atomic_directory(Path(out)) as tmp:
+        model.backbone.save_pretrained(tmp / "backbone", safe_serialization=True)
+        head = {k: v.detach().contiguous() for k, v in model.state_dict().items() if not k.startswith("backbone.")}
+        save_file(head, tmp / HEAD_WEIGHTS)
+        (tmp / HEAD_CONFIG).write_text(head_config(recipe, labels).model_dump_json(indent=2))
+        (tmp / LABELS_FILE).write_text(json.dumps(labels))
+        (tmp / FEATURES_FILE).write_text(json.dumps(feature_settings(recipe), indent=2))
+        purpose = f"The shared audio-visual ViT backbone finetuned for {recipe.head.task} with a {recipe.head.fusion}-fusion head."
+        (tmp / "README.md").write_text(model_card(recipe, checkpoint, metrics or {}, purpose))
+    return Path(out)
+
+
+def load_task_model(release: Path):
+    """A finetuned release -> (TaskModel in eval mode, labels, feature settings). Never unpickles."""
+    from safetensors.torch import load_file
+
+    from avssl.config import validate
+    from avssl.finetune.config import HeadConfig
+    from avssl.finetune.heads import TaskModel
+    from avssl.pretrain.modeling import AVViTModel
+
+    release = Path(release)
+    if not (release / HEAD_WEIGHTS).is_file():
+        raise AvsslError(f"{release}: not a finetuned release (no {HEAD_WEIGHTS}); finetune with `avssl finetune`")
+    head = validate(HeadConfig, json.loads((release / HEAD_CONFIG).read_text()), str(release / HEAD_CONFIG))
+    model = TaskModel(AVViTModel.from_pretrained(release / "backbone"), head)
+    missing, unexpected = model.load_state_dict(load_file(release / HEAD_WEIGHTS), strict=False)
+    missing = [k for k in missing if not k.startswith("backbone.")]
+    if missing or unexpected:
+        raise AvsslError(f"{release}: head weights do not fit its head.json (missing {missing[:3]}, unexpected {unexpected[:3]})")
+    return model.eval(), json.loads((release / LABELS_FILE).read_text()), json.loads((release / FEATURES_FILE).read_text())
+
+
+def run_finetuning(recipe: FinetuneRecipe, address: str | None = None):
+    from avssl.cluster.launch import check_corpus, run_training
+
+    recipe = check_corpus(recipe)
+    labels = label_names(recipe)
+    state: dict[str, Any] = {}
+
+    def prepare(run_dir: Path) -> dict[str, Any]:
+        init_dir = None
+        if recipe.init.source:
+            init_dir = resolve_init(recipe.init.source, run_dir / "avssl" / "init")
+            check_release_fits(init_dir, recipe)
+        state["init_dir"] = str(init_dir) if init_dir else None
+        return {"labels": labels, "init_dir": state["init_dir"]}
+
+    def export(checkpoint: Path, out: Path, metrics: dict[str, Any]) -> Path:
+        return export_finetuned(checkpoint, out, recipe, labels, state["init_dir"], metrics)
+
+    return run_training(recipe, address, kind="finetune", export=export, prepare=prepare)
