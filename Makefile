@@ -18,11 +18,13 @@ $(STAMP): pyproject.toml
 
 # The main job on the embedded default: synthetic corpus -> pretraining on a local Ray instance
 # (2 DeepSpeed workers on CPU/gloo) -> released checkpoint in runs/demo/avssl/release, tracked
-# in MLflow (runs/mlflow.db). Re-running resumes or reuses what exists.
+# in MLflow (runs/mlflow.db) -> linear-probe finetuning of the three heads from the pretrained
+# and from a random backbone, evaluated per modality (the proof table). Re-running resumes.
 demo: $(STAMP)
 	@test -f $(CORPUS)/index.json || $(BIN)/avssl data synth --config configs/data/demo.yaml --out $(CORPUS)
 	$(BIN)/avssl data inspect $(CORPUS)
 	$(BIN)/avssl pretrain --config configs/pretrain/demo.yaml
+	$(BIN)/avssl prove --pretrained runs/demo/avssl/release --data $(CORPUS) --steps 100 --set head.freeze_backbone=true --set optim.base_lr=0.02
 
 test: $(STAMP)
 	$(BIN)/python -m pytest

@@ -26,6 +26,15 @@ def test_pretrain_recipes_validate(path):
     assert recipe.model.audio_num_frames == recipe.features.num_audio_frames(recipe.data.clip_seconds)
 
 
+@pytest.mark.parametrize("path", sorted((REPO / "configs/finetune").glob("*.yaml")), ids=lambda p: p.name)
+def test_finetune_recipes_validate(path):
+    """Every shipped finetuning recipe validates against FinetuneRecipe."""
+    from avssl.finetune.recipe import FinetuneRecipe
+
+    recipe = load_config(FinetuneRecipe, path)
+    assert recipe.head.task == path.stem
+
+
 def test_mismatched_geometry_names_the_fix():
     """A model whose mel bins differ from the features fails at load time saying which key to set."""
     with pytest.raises(ConfigError, match=r"model.audio_num_mel_bins=128 does not match features.num_mel_bins=64"):
