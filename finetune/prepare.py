@@ -54,6 +54,8 @@ decoded and re-encoded to H.264) takes days this way; use --limit for smoke runs
 
 from __future__ import annotations
 
+import abc
+
 import csv
 import logging
 import os
@@ -300,15 +302,16 @@ def _copy(src: Path, out: Path, name: str) -> str:
 # ----------------------------------------------------------------------------- preparers
 
 
-class Preparer:
+class Preparer(abc.ABC):
     """One dataset: `scan` lists its utterances (parsing names and protocols, failing fast on a bad
     protocol line) and `write_lists` writes its trial / protocol files for the written samples."""
 
     name: str = ""
     layout: str = ""
 
+    @abc.abstractmethod
     def scan(self, root: Path, video: bool) -> Scan:
-        raise NotImplementedError
+        """Every utterance of the dataset under `root`, with labels parsed from names and protocols."""
 
     def write_lists(self, root: Path, out: Path, written: list[Item]) -> list[str]:
         return []
