@@ -185,7 +185,9 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
     out = Path(args.out or checkpoint.parent / f"eval-{checkpoint.name}-{args.task}{'-zeroshot' if args.zero_shot else ''}")
     report = evaluate(checkpoint, Path(args.data), out, task=args.task, split=args.split,
                       trials=Path(args.trials) if args.trials else None, modes=args.modes, zero_shot=args.zero_shot,
-                      batch_size=args.batch_size, as_norm_cohort=args.as_norm)
+                      batch_size=args.batch_size, as_norm_cohort=args.as_norm,
+                      asv_scores=Path(args.asv_scores) if args.asv_scores else None,
+                      labels_csv=Path(args.labels_csv) if args.labels_csv else None)
     _print_report(report)
     console.print(f"report: {out / 'report.json'}")
     if not args.no_mlflow:
@@ -240,11 +242,13 @@ def cmd_prove(args: argparse.Namespace) -> None:
     result = prove(Path(args.pretrained), Path(args.data), Path(args.out), args.steps, Path(args.storage), tuple(args.tasks),
                    args.overrides)
     table = Table(title=f"pretrained vs random backbone: same head, data and {args.steps} finetuning steps")
-    for col in ("task", "modality", "metric", "pretrained", "random", "better"):
+    for col in ("task", "modality", "metric", "pretrained", "random", "gain (2 s.e.)", "clearly better"):
         table.add_column(col)
     for t in result["table"]:
+        verdict = ("[green]yes[/green]" if t["clearly_better"]
+                   else "[yellow]within noise[/yellow]" if t["pretrained_better"] else "[red]no[/red]")
         table.add_row(t["task"], t["mode"], t["metric"], f"{t['pretrained']:.1f}", f"{t['random']:.1f}",
-                      "[green]yes[/green]" if t["pretrained_better"] else "[red]no[/red]")
+                      f"{t['gain']:+.1f} (±{t['clear_margin']:.1f})", verdict)
     console.print(table)
     console.print(f"written: {Path(args.out) / 'proof.md'}, {Path(args.out) / 'proof.json'}")
 
@@ -423,6 +427,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--modes", nargs="+", default=["av", "a", "v"], choices=["av", "a", "v"])
     p.add_argument("--zero-shot", action="store_true", help="speaker: score a pretrained backbone without finetuning")
     p.add_argument("--as-norm", type=int, default=0, metavar="N", help="speaker: AS-Norm with a top-N train cohort")
+    p.add_argument("--asv-scores", default=None, metavar="FILE",
+                   help="spoof: ASV scores ('CM_KEY ASV_KEY SCORE', ASVspoof 2019 format) for min t-DCF 2019 and 2021")
+    p.add_argument("--labels-csv", default=None, metavar="FILE",
+                   help="emotion: 'utterance,label' CSV with this corpus's labels (default: the release's label source)")
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--out", default=None, help="report folder (default: beside the checkpoint)")
     p.add_argument("--experiment", default="avssl-eval", help="MLflow experiment for the evaluation run")

@@ -78,6 +78,11 @@ class HeadConfig(Section):
     co_learning: bool = True
     # Linear probe: backbone weights frozen (requires_grad False) and kept in eval mode.
     freeze_backbone: bool = False
+    # Standardization of the pooled features before the task head, one per mode (AV, A, V):
+    # "batchnorm" = BatchNorm without affine over the samples that have the mode's input (MAE's
+    # linear-probe practice: frozen features have per-dimension offsets and scales far apart, which
+    # plain SGD on a linear layer handles badly); "none" = pooled features as they are.
+    feature_norm: Literal["batchnorm", "none"] = "batchnorm"
     # Layer-wise LR decay of the backbone for full fine-tuning (1.0 = no decay).
     layer_decay: Annotated[float, Field(gt=0.0, le=1.0)] = 0.75
     # LR scale of the head parameters (relative to the base LR).

@@ -74,24 +74,65 @@ def _forward_all(loader: StreamingLoader, modes: list[str], fn: Callable, total:
     return {m: {k: (torch.cat(v).numpy() if k != "meta" else v) for k, v in d.items()} for m, d in out.items() if d}
 
 
-def evaluate_emotion(model, labels: list[str], loader, modes, total) -> dict[str, Any]:
+def evaluate_emotion(model, labels: list[str], loader, modes, total, label_map=None) -> dict[str, Any]:
+    """UA, WA, F1s and per-class recall per mode; a sample's true class comes from `label_map`
+    (the release's label source) or, without one, the loader's CREMA-D emotion index."""
     got = _forward_all(loader, modes, lambda a, v, ha, hv, mode: model.scores(a, v, ha, hv), total)
     report = {}
     for mode, d in got.items():
-        keep = d["emotion"] >= 0
-        y_true, y_pred = d["emotion"][keep], d["values"][keep].argmax(-1)
+        truth = label_map(d["meta"]).numpy() if label_map is not None else d["emotion"]
+        keep = truth >= 0
+        if not keep.any():
+            raise AvsslError(f"no {mode} sample of this split has a label among {labels}: check the label source "
+                             "(labels.key / labels.csv of the recipe, or --labels-csv)")
+        y_true, y_pred = truth[keep], d["values"][keep].argmax(-1)
         report[mode] = M.classification_report(y_true, y_pred, labels)
         report[mode]["n"] = int(keep.sum())
     return report
 
 
-def evaluate_spoof(model, loader, modes, total) -> tuple[dict[str, Any], dict[str, Any]]:
+def read_asv_scores(path: Path) -> tuple[np.ndarray, list[str]]:
+    """An ASVspoof 2019 ASV score file (`CM_KEY ASV_KEY SCORE` per line, e.g. `bonafide target 1.63`,
+    `spoof spoof -2.4`) -> (scores, ASV labels target / nontarget / spoof)."""
+    scores, labels = [], []
+    for n, line in enumerate(Path(path).read_text().splitlines(), 1):
+        parts = line.split()
+        if not parts:
+            continue
+        if len(parts) != 3 or parts[1] not in M.ASV_LABELS:
+            raise AvsslError(f"{path}:{n}: expected 'CM_KEY ASV_KEY SCORE' with ASV_KEY one of {list(M.ASV_LABELS)} "
+                             f"(the ASVspoof 2019 ASV score format), got {line!r}")
+        try:
+            scores.append(float(parts[2]))
+        except ValueError:
+            raise AvsslError(f"{path}:{n}: the score {parts[2]!r} is not a number") from None
+        labels.append(parts[1])
+    if not scores:
+        raise AvsslError(f"{path}: no ASV scores")
+    return np.asarray(scores), labels
+
+
+def tdcf_report(cm_scores: np.ndarray, bona: np.ndarray, asv: tuple[np.ndarray, list[str]]) -> dict[str, float]:
+    """min t-DCF, 2019 legacy and 2021 forms, of CM scores (higher = bona fide) with the given ASV."""
+    out = {}
+    for name, fn in (("min_tdcf_2019", M.tdcf_2019), ("min_tdcf_2021", M.tdcf_2021)):
+        try:
+            out[name] = fn(cm_scores, bona, *asv).min_tdcf
+        except ValueError as exc:
+            raise AvsslError(f"t-DCF ({name}): {exc}") from None
+    return out
+
+
+def evaluate_spoof(model, loader, modes, total, asv: tuple[np.ndarray, list[str]] | None = None
+                   ) -> tuple[dict[str, Any], dict[str, Any]]:
     got = _forward_all(loader, modes, lambda a, v, ha, hv, mode: model.scores(a, v, ha, hv), total)
     report, raw = {}, {}
     for mode, d in got.items():
         scores, bona = d["values"], 1 - d["is_spoof"]
         attacks = np.array([m["attack"] for m in d["meta"]])
         r = M.binary_report(scores, bona)
+        if asv is not None and (bona == 1).any() and (bona == 0).any():
+            r.update(tdcf_report(scores, bona, asv))
         r["per_attack_eer"] = {
             a: M.eer(np.concatenate([scores[bona == 1], scores[attacks == a]]),
                      np.concatenate([np.ones(int((bona == 1).sum())), np.zeros(int((attacks == a).sum()))])).eer
@@ -225,8 +266,11 @@ def _jsonable(x: Any) -> Any:
 
 def evaluate(checkpoint: Path, corpus: Path, out: Path, *, task: str | None = None, split: str = "test",
              trials: Path | None = None, modes: list[str] | None = None, zero_shot: bool = False,
-             batch_size: int = 16, as_norm_cohort: int = 0) -> dict[str, Any]:
-    """Evaluate a release on a corpus split; writes report.json and plots into `out`."""
+             batch_size: int = 16, as_norm_cohort: int = 0, asv_scores: Path | None = None,
+             labels_csv: Path | None = None) -> dict[str, Any]:
+    """Evaluate a release on a corpus split; writes report.json and plots into `out`.
+    asv_scores (spoof): an ASV score file (ASVspoof 2019 format) for min t-DCF in both forms.
+    labels_csv (emotion): `utterance,label` CSV replacing the release's label source."""
     from avssl.data.shards import CorpusIndex
 
     checkpoint, corpus, out = Path(checkpoint), Path(corpus), Path(out)
@@ -257,10 +301,13 @@ def evaluate(checkpoint: Path, corpus: Path, out: Path, *, task: str | None = No
     loader = eval_loader(corpus, split, features, batch_size, modalities)
     plots: list[Path] = []
     if task == "emotion":
-        report = evaluate_emotion(model, labels, loader, modes, total)
+        from avssl.finetune.runner import release_label_map
+
+        report = evaluate_emotion(model, labels, loader, modes, total, release_label_map(checkpoint, labels_csv))
         plots = plot_confusion(report, labels, out)
     elif task == "spoof":
-        report, raw = evaluate_spoof(model, loader, modes, total)
+        asv = read_asv_scores(Path(asv_scores)) if asv_scores is not None else None
+        report, raw = evaluate_spoof(model, loader, modes, total, asv)
         plots = plot_binary(raw, out, "spoof detection (bona fide = target)")
     else:
         trials_path = trials or next(iter(sorted((corpus / "trials").glob("*.txt"))), None)
@@ -277,6 +324,7 @@ def evaluate(checkpoint: Path, corpus: Path, out: Path, *, task: str | None = No
             write_json(checkpoint / CALIBRATION_FILE, calibration)
     full = _jsonable({"task": task, "checkpoint": str(checkpoint), "corpus": str(corpus), "split": split,
                       "zero_shot": zero_shot, "eer_method": "ROC crossing with linear interpolation",
+                      "asv_scores": str(asv_scores) if asv_scores is not None else None,
                       "results": report, "plots": [p.name for p in plots]})
     write_json(out / "report.json", full)
     return full
@@ -293,5 +341,7 @@ def summary_rows(report: dict[str, Any]) -> list[tuple[str, ...]]:
             extra = ""
             if report["task"] == "spoof" and r.get("per_attack_eer"):
                 extra = " ".join(f"{a}:{100 * e:.1f}%" for a, e in r["per_attack_eer"].items())
+            if "min_tdcf_2019" in r:
+                extra = f"t-DCF19 {r['min_tdcf_2019']:.4f} t-DCF21 {r['min_tdcf_2021']:.4f} {extra}".rstrip()
             rows.append((mode.upper(), f"EER {100 * r['eer']:.2f}%", f"minDCF0.01 {r['min_dcf_0.01']:.3f}", extra))
     return rows

@@ -99,6 +99,33 @@ class AttentiveStatsPooling(nn.Module):
         return out.to(x.dtype)
 
 
+class MaskedBatchNorm(nn.Module):
+    """BatchNorm1d without affine over the rows of a batch that are present: pooled features [B, P]
+    and presence [B] -> standardized [B, P] (absent rows are passed through as zeros). Training uses
+    the statistics of the present rows (at least 2) and updates the running ones; eval uses the
+    running statistics. One instance per mode, so audio-only features never shift the AV statistics."""
+
+    def __init__(self, dim: int, momentum: float = 0.1, eps: float = 1e-5):
+        super().__init__()
+        self.momentum, self.eps = momentum, eps
+        self.register_buffer("running_mean", torch.zeros(dim))
+        self.register_buffer("running_var", torch.ones(dim))
+
+    def forward(self, x: torch.Tensor, present: torch.Tensor) -> torch.Tensor:
+        xf = x.float()
+        rows = xf[present]
+        if self.training and rows.shape[0] >= 2:
+            mean, var = rows.mean(0), rows.var(0, unbiased=False)
+            with torch.no_grad():
+                unbiased = var * rows.shape[0] / (rows.shape[0] - 1)
+                self.running_mean.lerp_(mean.detach(), self.momentum)
+                self.running_var.lerp_(unbiased.detach(), self.momentum)
+        else:
+            mean, var = self.running_mean, self.running_var
+        out = (xf - mean) * torch.rsqrt(var + self.eps)
+        return torch.where(present[:, None], out, torch.zeros_like(out)).to(x.dtype)
+
+
 def build_pooling(kind: str, dim: int, bottleneck: int) -> nn.Module:
     if kind == "asp":
         return AttentiveStatsPooling(dim, bottleneck)
@@ -365,6 +392,9 @@ class TaskModel(nn.Module):
         self.dca = DCAFusion(dim, cfg.dca_temperature) if cfg.fusion == "dca" else None
         head_branches = ("audio", "video") if cfg.fusion == "late" else ("shared",)
         self.heads = nn.ModuleDict({b: self._build_head(pooled_dim) for b in head_branches})
+        self.norms = nn.ModuleDict(
+            {m: MaskedBatchNorm(pooled_dim) for m in MODES} if cfg.feature_norm == "batchnorm" else {}
+        )
         weights = torch.tensor(cfg.class_weights, dtype=torch.float32) if cfg.class_weights is not None else None
         self.register_buffer("class_weights", weights, persistent=False)
 
@@ -533,6 +563,8 @@ class TaskModel(nn.Module):
                 results[mode] = self._late_fusion(results["a"], results["v"])
                 continue
             features, present = self._features(mode, audio, video, has_audio, has_video, alone)
+            if mode in self.norms:
+                features = self.norms[mode](features, present)
             head = self._head(mode)
             if self.cfg.task == "speaker":
                 embedding = head(features)
@@ -704,6 +736,7 @@ __all__ = [
     "ClassificationHead",
     "DCAFusion",
     "DCAOutput",
+    "MaskedBatchNorm",
     "MeanPooling",
     "SPOOF",
     "SpeakerHead",

@@ -10,6 +10,7 @@ is printed, written as JSON and Markdown, and logged to MLflow (experiment avssl
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Any
 
@@ -42,13 +43,27 @@ def _random_backbone_release(pretrained: Path, out: Path) -> Path:
     return out
 
 
+def release_tag(release: Path) -> str:
+    """A short content hash of a release's weights: proof runs are named by it, so re-running the
+    proof after a new pretraining trains afresh instead of resuming the old backbone's runs."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    for path in sorted(Path(release).glob("*.safetensors")):
+        with open(path, "rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                digest.update(block)
+    return digest.hexdigest()[:8]
+
+
 def prove(pretrained: Path, corpus: Path, out: Path, steps: int, storage: Path, tasks: tuple[str, ...] = TASKS,
           overrides: list[str] | None = None) -> dict[str, Any]:
     from avssl.finetune.runner import run_finetuning
 
     pretrained, corpus, out = Path(pretrained).resolve(), Path(corpus).resolve(), Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    random_release = _random_backbone_release(pretrained, out / "random_backbone")
+    tag = release_tag(pretrained)
+    random_release = _random_backbone_release(pretrained, out / f"random_backbone-{tag}")
     rows: list[dict[str, Any]] = []
     for init_name, release in (("pretrained", pretrained), ("random", random_release)):
         zs = evaluate(release, corpus, out / f"zeroshot_{init_name}", zero_shot=True)
@@ -57,7 +72,7 @@ def prove(pretrained: Path, corpus: Path, out: Path, steps: int, storage: Path, 
     for task in tasks:
         for init_name, release in (("pretrained", pretrained), ("random", random_release)):
             recipe = load_config(FinetuneRecipe, REPO_CONFIGS / f"{task}.yaml", [
-                f"data.corpus={corpus}", f"trainer.storage_path={storage}", f"trainer.name=prove-{task}-{init_name}",
+                f"data.corpus={corpus}", f"trainer.storage_path={storage}", f"trainer.name=prove-{task}-{init_name}-{tag}",
                 f"trainer.total_steps={steps}", f"trainer.checkpoint_every={steps}", f"init.source={release}",
                 f"mlflow.experiment=avssl-proof", *(overrides or []),
             ])
@@ -66,15 +81,32 @@ def prove(pretrained: Path, corpus: Path, out: Path, steps: int, storage: Path, 
                               trials=corpus / recipe.eval.trials if recipe.eval.trials else None)
             metric, _ = HEADLINE[task]
             for mode, r in report["results"].items():
-                rows.append({"task": task, "mode": mode, "init": init_name, "metric": metric, "value": r[metric]})
+                rows.append({"task": task, "mode": mode, "init": init_name, "metric": metric, "value": r[metric],
+                             "n": effective_n(r)})
     table = comparison(rows)
     write_json(out / "proof.json", {"pretrained": str(pretrained), "corpus": str(corpus), "steps": steps, "rows": rows, "table": table})
     atomic_write_text(out / "proof.md", markdown(table, steps))
     return {"rows": rows, "table": table}
 
 
+def effective_n(result: dict[str, Any]) -> int:
+    """Samples behind a rate: the smaller class of a binary task (EER), else the clips scored (UA)."""
+    if "num_target" in result:
+        return int(min(result["num_target"], result["num_nontarget"]))
+    return int(result.get("n", 0))
+
+
+def clear_margin(p: float, q: float, n: int) -> float:
+    """Two standard errors of the difference of two rates p, q (in [0, 1]) each measured on n
+    samples: sqrt(p(1-p)/n + q(1-q)/n) x 2. A difference beyond it is a clear margin, not chance."""
+    if n <= 0:
+        return float("inf")
+    return 2.0 * math.sqrt((p * (1 - p) + q * (1 - q)) / n)
+
+
 def comparison(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """One line per (task, mode): pretrained value, random value, and whether pretrained is better."""
+    """One line per (task, mode): pretrained and random values, whether pretrained is better, and
+    whether by a clear margin (more than two standard errors of the difference, `clear_margin`)."""
     by = {(r["task"], r["mode"], r["init"]): r for r in rows}
     out = []
     for (task, mode, init) in by:
@@ -82,16 +114,20 @@ def comparison(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
             continue
         p, q = by[(task, mode, "pretrained")], by[(task, mode, "random")]
         lower = p["metric"] == "eer"
-        better = p["value"] < q["value"] if lower else p["value"] > q["value"]
+        gain = (q["value"] - p["value"]) if lower else (p["value"] - q["value"])
+        margin = clear_margin(p["value"], q["value"], min(p.get("n", 0), q.get("n", 0)))
         out.append({"task": task, "mode": mode.upper(), "metric": "EER %" if lower else "UA %",
-                    "pretrained": 100 * p["value"], "random": 100 * q["value"], "pretrained_better": better})
+                    "pretrained": 100 * p["value"], "random": 100 * q["value"], "gain": 100 * gain,
+                    "clear_margin": 100 * margin, "pretrained_better": gain > 0, "clearly_better": gain > margin})
     return out
 
 
 def markdown(table: list[dict[str, Any]], steps: int) -> str:
-    lines = [f"Pretrained vs random backbone, same head, data and {steps} finetuning steps (lower EER, higher UA is better).", "",
-             "| task | modality | metric | pretrained | random | pretrained better |", "| --- | --- | --- | --- | --- | --- |"]
+    lines = [f"Pretrained vs random backbone, same head, data and {steps} finetuning steps (lower EER, higher UA is better;",
+             "gain in points, clear = gain beyond two standard errors of the difference).", "",
+             "| task | modality | metric | pretrained | random | gain | clear margin |", "| --- | --- | --- | --- | --- | --- | --- |"]
     for t in table:
+        verdict = "yes" if t["clearly_better"] else ("better, within noise" if t["pretrained_better"] else "no")
         lines.append(f"| {t['task']} | {t['mode']} | {t['metric']} | {t['pretrained']:.1f} | {t['random']:.1f} | "
-                     f"{'yes' if t['pretrained_better'] else 'no'} |")
+                     f"{t['gain']:+.1f} (±{t['clear_margin']:.1f}) | {verdict} |")
     return "\n".join(lines) + "\n"

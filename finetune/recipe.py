@@ -6,6 +6,8 @@ pretraining, and adds the task head, where the backbone comes from (`init`) and 
 
 from __future__ import annotations
 
+from typing import Any
+
 from pydantic import Field, model_validator
 
 from avssl.cluster.config import DeepSpeedConfig, MlflowConfig, OptimConfig, TrainerConfig
@@ -13,6 +15,7 @@ from avssl.config import Section
 from avssl.data.features import FeatureConfig
 from avssl.data.loader import DataConfig
 from avssl.finetune.config import HeadConfig
+from avssl.finetune.labels import LabelConfig
 from avssl.pretrain.config import ModelConfig
 
 
@@ -47,6 +50,19 @@ class FinetuneRecipe(Section):
     trainer: TrainerConfig = Field(default_factory=lambda: TrainerConfig(name="finetune", total_steps=100))
     mlflow: MlflowConfig = Field(default_factory=lambda: MlflowConfig(experiment="avssl-finetune"))
     eval: EvalConfig = Field(default_factory=EvalConfig)
+    labels: LabelConfig = Field(default_factory=LabelConfig)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _classes_follow_labels(cls, data: Any) -> Any:
+        """An emotion head without an explicit num_classes gets one class per labels.names entry."""
+        if not isinstance(data, dict):
+            return data
+        head, labels = data.get("head"), data.get("labels")
+        if (isinstance(head, dict) and head.get("task") == "emotion" and head.get("num_classes") is None
+                and isinstance(labels, dict) and isinstance(labels.get("names"), list)):
+            data = {**data, "head": {**head, "num_classes": len(labels["names"])}}
+        return data
 
     @model_validator(mode="after")
     def _inputs_match_model(self) -> "FinetuneRecipe":
@@ -59,6 +75,11 @@ class FinetuneRecipe(Section):
         for key, got, source, want in pairs:
             if got != want:
                 raise ValueError(f"{key}={got} does not match {source}={want}; set {key}={want}")
+        if self.head.task != "emotion" and not self.labels.is_default():
+            raise ValueError(f"labels sets emotion classes, but head.task is {self.head.task!r}: remove the labels section")
+        if self.head.task == "emotion" and self.head.num_classes != len(self.labels.class_names()):
+            raise ValueError(f"head.num_classes={self.head.num_classes} but labels.names has {len(self.labels.class_names())} "
+                             "classes; leave head.num_classes out (it follows labels.names) or make them agree")
         for modality in self.head.modalities:
             if modality not in self.data.modalities:
                 raise ValueError(f"head.modalities uses {modality} but data.modalities={self.data.modalities} does not load it")

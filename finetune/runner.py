@@ -20,12 +20,13 @@ import torch
 from avssl import AvsslError
 from avssl.cluster.export import FEATURES_FILE, export_release, latest_checkpoint, run_recipe
 from avssl.cluster.train import Workload, batch_inputs, tokens_per_sample
-from avssl.data.schema import EMOTIONS
+from avssl.finetune.labels import LabelConfig, LabelMap
 from avssl.finetune.recipe import FinetuneRecipe
 
 HEAD_WEIGHTS = "head.safetensors"
 HEAD_CONFIG = "head.json"
 LABELS_FILE = "labels.json"
+LABEL_SOURCE_FILE = "label_source.json"  # emotion: where evaluation reads a sample's label (LabelConfig)
 SPOOF_LABELS = ["spoof", "bonafide"]  # class index 1 = bona fide: scores are P(bona fide)
 
 
@@ -74,7 +75,7 @@ def label_names(recipe: FinetuneRecipe) -> list[str]:
 
     task = recipe.head.task
     if task == "emotion":
-        return list(EMOTIONS)
+        return recipe.labels.class_names()
     if task == "spoof":
         return list(SPOOF_LABELS)
     speakers = CorpusIndex.load(recipe.data.corpus).speakers(recipe.data.split)
@@ -100,9 +101,9 @@ def build_task_model(recipe: FinetuneRecipe, labels: list[str], init_dir: str | 
     return TaskModel(backbone, head_config(recipe, labels))
 
 
-def batch_labels(task: str, batch: dict[str, Any], label_index: dict[str, int]) -> torch.Tensor:
+def batch_labels(task: str, batch: dict[str, Any], label_index: dict[str, int], label_map: LabelMap | None = None) -> torch.Tensor:
     if task == "emotion":
-        return batch["emotion"]
+        return label_map(batch["meta"]) if label_map is not None else batch["emotion"]
     if task == "spoof":
         return batch["is_spoof"]
     return torch.tensor([label_index[m["speaker"]] for m in batch["meta"]])
@@ -114,6 +115,7 @@ class FinetuneWorkload(Workload):
     def __init__(self, recipe: FinetuneRecipe, labels: list[str], init_dir: str | None) -> None:
         self.recipe, self.labels, self.init_dir = recipe, labels, init_dir
         self.index = {name: i for i, name in enumerate(labels)}
+        self.label_map = LabelMap(recipe.labels) if recipe.head.task == "emotion" else None
         self._targets: torch.Tensor | None = None
 
     @classmethod
@@ -126,7 +128,7 @@ class FinetuneWorkload(Workload):
         return model, model.param_groups(self.recipe.optim.weight_decay)
 
     def inputs(self, batch: dict[str, Any], device: torch.device, step: int) -> dict[str, Any]:
-        labels = batch_labels(self.recipe.head.task, batch, self.index).to(device)
+        labels = batch_labels(self.recipe.head.task, batch, self.index, self.label_map).to(device)
         # The class indices the logits are over (spoof: 1 = bona fide), -1 = unlabelled.
         self._targets = self._model.targets(labels)
         return {**batch_inputs(batch, device), "labels": labels, "step": step}
@@ -157,6 +159,8 @@ def export_finetuned(checkpoint: Path, out: Path, recipe: FinetuneRecipe, labels
         save_file(head, tmp / HEAD_WEIGHTS)
         (tmp / HEAD_CONFIG).write_text(head_config(recipe, labels).model_dump_json(indent=2))
         (tmp / LABELS_FILE).write_text(json.dumps(labels))
+        if recipe.head.task == "emotion":
+            (tmp / LABEL_SOURCE_FILE).write_text(recipe.labels.model_dump_json(indent=2))
         (tmp / FEATURES_FILE).write_text(json.dumps(feature_settings(recipe), indent=2))
         purpose = f"The shared audio-visual ViT backbone finetuned for {recipe.head.task} with a {recipe.head.fusion}-fusion head."
         (tmp / "README.md").write_text(model_card(recipe, checkpoint, metrics or {}, purpose))
@@ -184,10 +188,28 @@ def load_task_model(release: Path):
     return model.eval(), json.loads((release / LABELS_FILE).read_text()), json.loads((release / FEATURES_FILE).read_text())
 
 
+def release_label_map(release: Path, csv_path: str | Path | None = None) -> LabelMap:
+    """The label map an emotion release was trained with (default: CREMA-D's six from metadata);
+    `csv_path` replaces its label CSV (the labels of another corpus)."""
+    from avssl.config import validate
+
+    path = Path(release) / LABEL_SOURCE_FILE
+    cfg = validate(LabelConfig, json.loads(path.read_text()), str(path)) if path.is_file() else LabelConfig()
+    names = json.loads((Path(release) / LABELS_FILE).read_text())
+    if cfg.class_names() != names:
+        cfg = cfg.model_copy(update={"names": names})
+    return LabelMap(cfg, csv_path)
+
+
 def run_finetuning(recipe: FinetuneRecipe, address: str | None = None):
     from avssl.cluster.launch import check_corpus, run_training
 
     recipe = check_corpus(recipe)
+    if recipe.labels.csv is not None:  # workers run in their own directory: pass an absolute path
+        csv_path = str(Path(recipe.labels.csv).resolve())
+        recipe = recipe.model_copy(update={"labels": recipe.labels.model_copy(update={"csv": csv_path})})
+    if recipe.head.task == "emotion":
+        LabelMap(recipe.labels)  # a bad label CSV fails here, naming its line, before any worker starts
     labels = label_names(recipe)
     state: dict[str, Any] = {}
 

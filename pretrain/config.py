@@ -146,8 +146,13 @@ class LossConfig(Section):
     learn_temperature: bool = False
     # Upper bound of the learned 1/temperature (CLIP's 100).
     max_logit_scale: Annotated[float, Field(gt=1.0)] = 100.0
-    # Per-patch normalized pixel / fbank targets (MAE's norm_pix_loss).
+    # Per-patch normalized video targets (MAE's norm_pix_loss).
     norm_pix_loss: bool = True
+    # Per-patch normalized fbank targets. Off by default (CAV-MAE's code default): a normalized 16x16
+    # fbank patch is close to noise (on the synthetic corpus 1 - r^2 with its time neighbour is
+    # 0.85-0.97), while its level and band shape (spectral envelope, energy contour, band limits) is
+    # what context predicts and what prosody, emotion and spoofing cues live in.
+    audio_norm_pix_loss: bool = False
 
     @model_validator(mode="after")
     def _something_to_learn(self) -> LossConfig:

@@ -861,7 +861,7 @@ class AVViTForPretraining(AVViTPreTrainedModel):
             )
             if audio is not None:
                 loss_rec_audio = masked_patch_loss(
-                    pred_audio, emb.patchify_audio(audio), a_mask.mask & has_audio[:, None], objective.norm_pix_loss
+                    pred_audio, emb.patchify_audio(audio), a_mask.mask & has_audio[:, None], objective.audio_norm_pix_loss
                 )
                 out.pred_audio, out.audio_mask = pred_audio, a_mask.mask
             if video is not None:

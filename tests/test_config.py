@@ -62,6 +62,10 @@ def test_overrides_parse_yaml_values(tmp_path):
     assert cfg.data.clip_seconds == 2.0 and cfg.data.names == ["a", "b"] and cfg.seed == 7
     with pytest.raises(ConfigError, match="KEY.PATH=VALUE"):
         apply_overrides({}, ["data.clip_seconds"])
+    # YAML 1.2 floats: PyYAML's 1.1 rules would read 1e-2 and 5E3 as strings and fail validation.
+    cfg = load_config(Root, write(tmp_path, "data:\n  clip_seconds: 5E3\n"), ["data.names=[1e5x]"])
+    assert cfg.data.clip_seconds == 5000.0 and cfg.data.names == ["1e5x"]
+    assert load_config(Root, None, ["data.clip_seconds=1e-2"]).data.clip_seconds == 0.01
     with pytest.raises(ConfigError, match=r"data\.nope"):
         load_config(Root, None, ["data.nope=1"])
 

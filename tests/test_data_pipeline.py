@@ -151,6 +151,16 @@ def test_batches_carry_modality_presence(corpus):
     assert torch.isfinite(batch["audio"]).all() and torch.isfinite(batch["video"]).all()
 
 
+def test_bona_fide_only_drops_spoofs_before_decoding(corpus):
+    """bona_fide_only (pretraining) reads every bona fide sample once and no spoof (i % 5 == 0)."""
+    data = DataConfig(corpus=str(corpus), batch_size=4, num_workers=0, clip_seconds=1.0, resampled=False,
+                      shuffle_buffer=0, bona_fide_only=True)
+    batches = list(StreamingLoader(data, FEATURES))
+    utts = [m["utterance"] for b in batches for m in b["meta"]]
+    assert len(utts) == len(set(utts)) == 24 - 5 and all(b["is_spoof"].sum() == 0 for b in batches)
+    assert sum(b["skipped"] for b in batches) == 0  # filtered, not counted as corrupt
+
+
 def test_audio_only_config_drops_video(corpus):
     """modalities=[audio] loads no video and skips (counts) samples that only have video."""
     data = DataConfig(corpus=str(corpus), batch_size=4, num_workers=0, clip_seconds=1.0, resampled=False, shuffle_buffer=0, modalities=["audio"])

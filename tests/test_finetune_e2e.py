@@ -106,6 +106,74 @@ def test_emotion_from_registered_model_and_predict(world, tmp_path, capsys, monk
     assert row["label"] in capsys.readouterr().out
 
 
+def test_spoof_report_with_asv_scores_gives_both_tdcf_forms(world, tmp_path, capsys):
+    """A spoof model from the pretraining run (a run directory as --init); `avssl evaluate --asv-scores`
+    adds min t-DCF 2019 and 2021 per modality, equal to the metrics module on the report's own scores."""
+    import numpy as np
+
+    from avssl.finetune import metrics as M
+    from avssl.finetune.evaluate import read_asv_scores
+
+    release = finetune(world, "spoof", str(world["runs"] / "pre"), "cm")
+    rng = np.random.default_rng(0)
+    lines = [f"bonafide target {x:.3f}" for x in rng.normal(3, 1, 40)] + [f"bonafide nontarget {x:.3f}" for x in rng.normal(-3, 1, 40)]
+    lines += [f"spoof spoof {x:.3f}" for x in rng.normal(1.5, 1.5, 40)]
+    asv = tmp_path / "ASVspoof2019.LA.asv.eval.gi.trl.scores.txt"
+    asv.write_text("\n".join(lines) + "\n")
+    out = tmp_path / "eval"
+    capsys.readouterr()
+    assert main(["evaluate", "--checkpoint", str(release), "--task", "spoof", "--data", str(world["corpus"]),
+                 "--asv-scores", str(asv), "--out", str(out), "--no-mlflow"]) == 0
+    assert "t-DCF19" in capsys.readouterr().out
+    report = json.loads((out / "report.json").read_text())
+    scores, labels = read_asv_scores(asv)
+    assert labels.count("spoof") == 40 and report["asv_scores"] == str(asv)
+    for r in report["results"].values():
+        assert 0.0 < r["min_tdcf_2019"] <= 1.0 + 1e-9 and 0.0 < r["min_tdcf_2021"] <= 1.0 + 1e-9
+    # The metrics module recomputed on the same CM scores agrees (the AV mode's raw scores come from the model).
+    from avssl.finetune.evaluate import eval_loader, evaluate_spoof
+    from avssl.finetune.runner import load_task_model
+
+    model, _, features = load_task_model(release)
+    loader = eval_loader(world["corpus"], "test", features, 16, ["audio", "video"])
+    _, raw = evaluate_spoof(model, loader, ["av"], None)
+    expect = M.tdcf_2019(raw["av"]["scores"], raw["av"]["labels"], scores, labels).min_tdcf
+    assert report["results"]["av"]["min_tdcf_2019"] == pytest.approx(expect, rel=1e-6)
+    bad = tmp_path / "bad.txt"
+    bad.write_text("bonafide target 1.0\nbonafide maybe 2.0\n")
+    with pytest.raises(AvsslError, match=r"bad.txt:2: expected 'CM_KEY ASV_KEY SCORE'"):
+        read_asv_scores(bad)
+
+
+def test_emotion_with_a_user_label_csv(world, tmp_path):
+    """A user's own label set (arousal high/low from a CSV) trains a 2-class head, is stored with the
+    release and drives `avssl evaluate`; a CSV naming an unknown class fails before any worker starts."""
+    rows = ["utterance,label"]
+    for shard_split in ("train", "test"):
+        for sample in iter_raw_samples(CorpusIndex.load(world["corpus"]).shards(shard_split)):
+            meta = json.loads(sample["json"])
+            if meta["emotion"] is not None:
+                rows.append(f"{meta['utterance']},{'high' if meta['emotion'] in ('ANG', 'FEA', 'HAP') else 'low'}")
+    labels_csv = tmp_path / "arousal.csv"
+    labels_csv.write_text("\n".join(rows) + "\n")
+    runs = world["runs"]
+    common = [*TINY, f"data.corpus={world['corpus']}", f"trainer.storage_path={runs}/ft", f"mlflow.tracking_uri={world['uri']}",
+              "labels.names=[low, high]", f"labels.csv={labels_csv}"]
+    code = main(["finetune", "--config", str(REPO / "configs/finetune/emotion.yaml"), "--init", str(runs / "pre"),
+                 *sets(*common, "trainer.name=arousal")])
+    assert code == 0
+    release = runs / "ft" / "arousal" / "avssl" / "release"
+    assert json.loads((release / "labels.json").read_text()) == ["low", "high"]
+    report = json.loads((release.parent / "eval" / "report.json").read_text())
+    assert all(len(r["confusion_matrix"]) == 2 and r["n"] > 0 for r in report["results"].values())
+    out = tmp_path / "eval"
+    assert main(["evaluate", "--checkpoint", str(release), "--task", "emotion", "--data", str(world["corpus"]),
+                 "--labels-csv", str(labels_csv), "--out", str(out), "--no-mlflow"]) == 0
+    assert json.loads((out / "report.json").read_text())["results"]["av"]["n"] == report["results"]["av"]["n"]
+    labels_csv.write_text("utterance,label\nspk0000/utt0000,medium\n")
+    assert main(["finetune", "--config", str(REPO / "configs/finetune/emotion.yaml"), *sets(*common, "trainer.name=bad")]) != 0
+
+
 def test_resolve_init_sources_and_errors(world, tmp_path):
     """A release directory is copied as is; a bad source and a backbone of another geometry fail clearly."""
     from avssl.finetune.recipe import FinetuneRecipe
@@ -120,3 +188,28 @@ def test_resolve_init_sources_and_errors(world, tmp_path):
     with pytest.raises(AvsslError, match="audio_num_mel_bins=64"):
         check_release_fits(got, recipe)
     shutil.rmtree(tmp_path / "init")
+
+
+def test_prove_compares_pretrained_and_random_and_names_runs_by_the_release(world, tmp_path, capsys):
+    """`avssl prove` finetunes the same recipe from the release and from a random backbone, writes the
+    table (gain and its two-standard-error margin per modality) and keys its runs by the weights' hash."""
+    from avssl.finetune.proof import release_tag
+
+    release = world["runs"] / "pre" / "avssl" / "release"
+    shape = [item for item in TINY if not item.startswith("trainer.")]
+    storage, out = tmp_path / "runs", tmp_path / "report"
+    capsys.readouterr()
+    assert main(["prove", "--pretrained", str(release), "--data", str(world["corpus"]), "--steps", "4", "--tasks", "emotion",
+                 "--storage", str(storage), "--out", str(out), *sets(*shape, f"mlflow.tracking_uri={world['uri']}")]) == 0
+    printed = capsys.readouterr().out
+    assert "emotion" in printed and "proof.md" in printed  # the rich table (wrapped to the capture's width)
+    proof = json.loads((out / "proof.json").read_text())
+    rows = {(t["task"], t["mode"]) for t in proof["table"]}
+    assert rows == {(task, mode) for task in ("emotion", "speaker (zero-shot)") for mode in ("AV", "A", "V")}
+    for t in proof["table"]:
+        assert t["gain"] == pytest.approx((t["pretrained"] - t["random"]) * (1 if t["metric"] == "UA %" else -1))
+        assert t["clearly_better"] == (t["gain"] > t["clear_margin"]) and t["clear_margin"] > 0
+    tag = release_tag(release)
+    assert {p.name for p in storage.iterdir() if p.name.startswith("prove-")} == {
+        f"prove-emotion-pretrained-{tag}", f"prove-emotion-random-{tag}"}
+    assert "| emotion | AV | UA % |" in (out / "proof.md").read_text()

@@ -17,6 +17,7 @@ from avssl.finetune.heads import (
     AAMSoftmax,
     AttentiveStatsPooling,
     DCAFusion,
+    MaskedBatchNorm,
     MeanPooling,
     TaskModel,
     margin_at,
@@ -139,6 +140,25 @@ def test_attentive_stats_pooling_matches_hand_computation():
 
 
 # ---------------------------------------------------------------- AAM-softmax
+
+
+def test_masked_batch_norm_uses_present_rows_only():
+    """Training: standardized with the present rows' statistics (= BatchNorm1d without affine on them),
+    absent rows stay 0 and do not move the running statistics; eval: the running statistics."""
+    torch.manual_seed(0)
+    x = torch.randn(6, 4) * torch.tensor([1.0, 5.0, 0.1, 2.0]) + torch.tensor([3.0, -1.0, 10.0, 0.0])
+    present = torch.tensor([True, True, False, True, True, False])
+    x_absent = x.clone()
+    x_absent[~present] = 1e6  # must not matter
+    norm, ref = MaskedBatchNorm(4).train(), torch.nn.BatchNorm1d(4, affine=False).train()
+    out = norm(x_absent, present)
+    assert torch.allclose(out[present], ref(x[present]), atol=1e-5) and out[~present].abs().sum() == 0
+    assert torch.allclose(norm.running_mean, ref.running_mean) and torch.allclose(norm.running_var, ref.running_var)
+    norm.eval(), ref.eval()
+    assert torch.allclose(norm(x, present)[present], ref(x[present]), atol=1e-5)
+    norm.train()
+    one = norm(x[:1], present[:1])  # a single present row: running statistics, nothing updated
+    assert torch.allclose(one, ref(x[:1]), atol=1e-5) and torch.allclose(norm.running_mean, ref.running_mean)
 
 
 def test_aam_softmax_margin_zero_is_scaled_cosine_cross_entropy():

@@ -566,3 +566,21 @@ def test_bench_flop_formula_and_smoke():
     assert flops["total_fwd_bwd"] == 3 * flops["total_fwd"]
     rows = bench_model(archs=("avvit_tiny_patch16",), attn=("sdpa",), batch_size=1, steps=1, warmup=0, audio_frames=32, image_size=32)
     assert len(rows) == 1 and rows[0]["step_ms"] > 0 and rows[0]["tokens_per_sample"] == n_a + n_v
+
+
+def test_reconstruction_targets_are_normalized_per_modality_as_configured():
+    """norm_pix_loss (video) and audio_norm_pix_loss (audio) choose, per modality, between the raw
+    patches and MAE's per-patch normalized ones as the target of the masked-patch MSE."""
+    from avssl.pretrain.losses import masked_patch_loss
+
+    audio, video = batch(2)
+    for audio_norm, video_norm in ((False, True), (True, False)):
+        model = P.AVViTForPretraining(pretraining_config(loss={"audio_norm_pix_loss": audio_norm, "norm_pix_loss": video_norm}))
+        torch.manual_seed(0)
+        out = model(audio=audio, video=video)
+        emb = model.avvit.embeddings
+        for name, target, norm in (("audio", emb.patchify_audio(audio), audio_norm), ("video", emb.patchify_video(video), video_norm)):
+            pred, mask = out[f"pred_{name}"], out[f"{name}_mask"]
+            expect = masked_patch_loss(pred, target, mask, norm)
+            other = masked_patch_loss(pred, target, mask, not norm)
+            assert torch.allclose(out[f"loss_rec_{name}"], expect) and not torch.allclose(out[f"loss_rec_{name}"], other), name

@@ -71,6 +71,11 @@ class DataConfig(Section):
     steps_per_epoch: int | None = Field(None, ge=1, description="default: split count / (batch x world)")
     shard_shuffle: bool = True
     shuffle_buffer: int = Field(256, ge=0, description="sample shuffle buffer per worker (0: off)")
+    bona_fide_only: bool = Field(
+        False,
+        description="drop spoofed samples before decoding (pretraining learns from bona fide speech, "
+        "as on VoxCeleb2; a spoof shares its bona fide clip's video, so it would also be a false negative)",
+    )
     seed: int = 0
 
     @field_validator("modalities")
@@ -129,6 +134,18 @@ class ShardStream(IterableDataset):
             random.Random(_seed(self.seed, self.epoch, self.rank)).shuffle(order)
         for url in order[worker::num_workers]:
             yield {"url": str(url)}
+
+
+def bona_fide(source: Iterator[dict[str, Any]]) -> Iterator[dict[str, Any]]:
+    """Pipeline stage: drops samples whose metadata says spoof, before shuffling and decoding.
+    Unparsable metadata passes through, so the decoder counts it as a corrupt sample."""
+    for sample in source:
+        try:
+            spoof = json.loads(sample["json"]).get("spoof") == "spoof"
+        except Exception:
+            spoof = False
+        if not spoof:
+            yield sample
 
 
 @dataclass
@@ -283,6 +300,8 @@ class StreamingLoader:
             self.stream,
             wds.tarfile_to_samples(handler=self.decoder.tar_error),
         ]
+        if data.bona_fide_only:
+            stages.append(bona_fide)
         if data.shuffle_buffer > 0:
             stages.append(wds.shuffle(data.shuffle_buffer, initial=min(64, data.shuffle_buffer), rng=random.Random(_seed(data.seed, rank))))
         self.skipper = Skipper(data.batch_size, data.num_workers)
