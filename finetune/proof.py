@@ -68,7 +68,8 @@ def prove(pretrained: Path, corpus: Path, out: Path, steps: int, storage: Path, 
     for init_name, release in (("pretrained", pretrained), ("random", random_release)):
         zs = evaluate(release, corpus, out / f"zeroshot_{init_name}", zero_shot=True)
         for mode, r in zs["results"].items():
-            rows.append({"task": "speaker (zero-shot)", "mode": mode, "init": init_name, "metric": "eer", "value": r["eer"]})
+            rows.append({"task": "speaker (zero-shot)", "mode": mode, "init": init_name, "metric": "eer", "value": r["eer"],
+                         "n": effective_n(r)})
     for task in tasks:
         for init_name, release in (("pretrained", pretrained), ("random", random_release)):
             recipe = load_config(FinetuneRecipe, REPO_CONFIGS / f"{task}.yaml", [
