@@ -28,11 +28,12 @@ def test_pretrain_recipes_validate(path):
 
 @pytest.mark.parametrize("path", sorted((REPO / "configs/finetune").glob("*.yaml")), ids=lambda p: p.name)
 def test_finetune_recipes_validate(path):
-    """Every shipped finetuning recipe validates against FinetuneRecipe."""
+    """Every shipped finetuning recipe validates against FinetuneRecipe and is named <task>[_<dataset>].yaml."""
     from avssl.finetune.recipe import FinetuneRecipe
 
     recipe = load_config(FinetuneRecipe, path)
-    assert recipe.head.task == path.stem
+    assert path.stem.split("_")[0] == recipe.head.task
+    assert recipe.model.audio_num_frames == recipe.features.num_audio_frames(recipe.data.clip_seconds)
 
 
 def test_mismatched_geometry_names_the_fix():
