@@ -250,7 +250,8 @@ def cmd_prove(args: argparse.Namespace) -> None:
         table.add_row(t["task"], t["mode"], t["metric"], f"{t['pretrained']:.1f}", f"{t['random']:.1f}",
                       f"{t['gain']:+.1f} (±{t['clear_margin']:.1f})", verdict)
     console.print(table)
-    console.print(f"written: {Path(args.out) / 'proof.md'}, {Path(args.out) / 'proof.json'}")
+    console.print(f"written: {Path(args.out) / 'proof.md'}, {Path(args.out) / 'proof.json'}; "
+                  f"MLflow run {result['mlflow_run_id']} (experiment avssl-proof)")
 
 
 def cmd_data_prepare(args: argparse.Namespace) -> None:

@@ -87,7 +87,29 @@ def prove(pretrained: Path, corpus: Path, out: Path, steps: int, storage: Path, 
     table = comparison(rows)
     write_json(out / "proof.json", {"pretrained": str(pretrained), "corpus": str(corpus), "steps": steps, "rows": rows, "table": table})
     atomic_write_text(out / "proof.md", markdown(table, steps))
-    return {"rows": rows, "table": table}
+    run_id = log_proof(recipe, pretrained, tag, out, table)
+    return {"rows": rows, "table": table, "mlflow_run_id": run_id}
+
+
+def log_proof(recipe: FinetuneRecipe, pretrained: Path, tag: str, out: Path, table: list[dict[str, Any]]) -> str:
+    """One MLflow run (the finetuning runs' experiment and store) holding the table as metrics
+    (`proof.<task>.<modality>.{pretrained,random,gain,clear_margin}`) and proof.md / proof.json."""
+    from avssl.cluster.tracking import MlflowLogger, open_run, resolve_tracking_uri
+
+    uri = resolve_tracking_uri(recipe.mlflow, recipe.trainer.storage_path)
+    run_id = open_run(recipe.mlflow, uri, f"proof-{tag}", recipe.trainer.storage_path)
+    logger = MlflowLogger(uri, run_id, recipe.mlflow)
+    logger.set_tags({"avssl.pretrained": str(pretrained), "avssl.kind": "proof"})
+    metrics = {}
+    for t in table:
+        key = f"proof.{t['task'].replace(' (zero-shot)', '_zero_shot')}.{t['mode'].lower()}"
+        for field in ("pretrained", "random", "gain", "clear_margin"):
+            metrics[f"{key}.{field}"] = float(t[field])
+    logger.log_metrics(metrics, step=0)
+    logger.log_artifact(out / "proof.md", "proof")
+    logger.log_artifact(out / "proof.json", "proof")
+    logger.finish(status="FINISHED", timeout_s=60)
+    return run_id
 
 
 def effective_n(result: dict[str, Any]) -> int:

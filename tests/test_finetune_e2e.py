@@ -213,3 +213,15 @@ def test_prove_compares_pretrained_and_random_and_names_runs_by_the_release(worl
     assert {p.name for p in storage.iterdir() if p.name.startswith("prove-")} == {
         f"prove-emotion-pretrained-{tag}", f"prove-emotion-random-{tag}"}
     assert "| emotion | AV | UA % |" in (out / "proof.md").read_text()
+    from mlflow.tracking import MlflowClient
+
+    run = MlflowClient(world["uri"]).get_run(proof_run_id(printed))
+    assert run.data.metrics["proof.emotion.av.gain"] == pytest.approx(
+        next(t["gain"] for t in proof["table"] if (t["task"], t["mode"]) == ("emotion", "AV")))
+    assert {"proof.speaker_zero_shot.v.clear_margin", "proof.emotion.a.random"} <= set(run.data.metrics)
+
+
+def proof_run_id(printed: str) -> str:
+    import re
+
+    return re.search(r"MLflow run\s+([0-9a-f]{32})", printed).group(1)
