@@ -29,6 +29,7 @@ from avssl import AvsslError
 from avssl.data.features import FeatureConfig
 from avssl.data.loader import DataConfig, StreamingLoader
 from avssl.finetune import metrics as M
+from avssl.finetune.labels import LabelMap
 from avssl.io import write_json
 from avssl.progress import progress_bar
 
@@ -68,19 +69,18 @@ def _forward_all(loader: StreamingLoader, modes: list[str], fn: Callable, total:
                 values = fn(batch["audio"], video, ha, hv, mode)[keep]
                 out[mode]["values"].append(values.float().cpu())
                 out[mode]["meta"].extend(m for m, k in zip(batch["meta"], keep.tolist()) if k)
-                out[mode]["emotion"].append(batch["emotion"][keep])
                 out[mode]["is_spoof"].append(batch["is_spoof"][keep])
             bar.advance(len(batch["meta"]))
     return {m: {k: (torch.cat(v).numpy() if k != "meta" else v) for k, v in d.items()} for m, d in out.items() if d}
 
 
-def evaluate_emotion(model, labels: list[str], loader, modes, total, label_map=None) -> dict[str, Any]:
+def evaluate_emotion(model, labels: list[str], loader, modes, total, label_map: LabelMap) -> dict[str, Any]:
     """UA, WA, F1s and per-class recall per mode; a sample's true class comes from `label_map`
-    (the release's label source) or, without one, the loader's CREMA-D emotion index."""
+    (the release's label source)."""
     got = _forward_all(loader, modes, lambda a, v, ha, hv, mode: model.scores(a, v, ha, hv), total)
     report = {}
     for mode, d in got.items():
-        truth = label_map(d["meta"]).numpy() if label_map is not None else d["emotion"]
+        truth = label_map(d["meta"]).numpy()
         keep = truth >= 0
         if not keep.any():
             raise AvsslError(f"no {mode} sample of this split has a label among {labels}: check the label source "

@@ -101,9 +101,10 @@ def build_task_model(recipe: FinetuneRecipe, labels: list[str], init_dir: str | 
     return TaskModel(backbone, head_config(recipe, labels))
 
 
-def batch_labels(task: str, batch: dict[str, Any], label_index: dict[str, int], label_map: LabelMap | None = None) -> torch.Tensor:
+def batch_labels(task: str, batch: dict[str, Any], label_index: dict[str, int], label_map: LabelMap | None) -> torch.Tensor:
+    """Class indices of a batch: emotion through `label_map` (required), spoof from is_spoof, speaker by name."""
     if task == "emotion":
-        return label_map(batch["meta"]) if label_map is not None else batch["emotion"]
+        return label_map(batch["meta"])
     if task == "spoof":
         return batch["is_spoof"]
     return torch.tensor([label_index[m["speaker"]] for m in batch["meta"]])
