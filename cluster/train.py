@@ -276,7 +276,8 @@ def train_func(config: dict[str, Any]) -> None:
         Path(config["placement_dir"]).mkdir(parents=True, exist_ok=True)
         Path(config["placement_dir"], f"rank_{rank}.json").write_text(json.dumps(
             {"rank": rank, "node_id": ray.get_runtime_context().get_node_id(),
-             "hostname": socket.gethostname(), "pid": os.getpid(), "device": str(device)}))
+             "hostname": socket.gethostname(), "pid": os.getpid(), "device": str(device),
+             "start_step": state.step, "resumed": resumed}))
     preemption = Preemption(Path(config["stop_file"]) if config.get("stop_file") else None)
     window = MetricWindow(device, workload.keys)
     grad_accum = recipe.deepspeed.grad_accum

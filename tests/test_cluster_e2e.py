@@ -121,7 +121,11 @@ def test_killed_worker_restarts_from_checkpoint(corpus, tmp_path):
     reader.join(timeout=30)
     out = "".join(lines)
     assert proc.returncode == 0, out[-4000:]
-    assert "resumed at step" in out
+    # The restart is checked from the state it leaves, not from a forwarded log line: Ray's log
+    # monitor forwards worker output best-effort and dropped the "resumed at step" line once.
+    restarted = json.loads((tmp_path / "faulty" / "avssl" / "placement" / "rank_1.json").read_text())
+    assert restarted["pid"] != rank1["pid"], restarted
+    assert restarted["resumed"] and restarted["start_step"] >= 8 and restarted["start_step"] % 8 == 0, restarted
     steps = metric_history(tmp_path, "loss", "faulty")
     assert sorted(steps) == list(range(4, 81, 4))
 
