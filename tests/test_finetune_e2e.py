@@ -225,3 +225,23 @@ def proof_run_id(printed: str) -> str:
     import re
 
     return re.search(r"MLflow run\s+([0-9a-f]{32})", printed).group(1)
+
+
+def test_frozen_feature_probe_script_scores_release_random_twin_and_raw_inputs(world, tmp_path):
+    """benchmarks/probe_features.py (the README's diagnostic tables) runs on a release and writes every row."""
+    import subprocess
+    import sys
+
+    release = world["runs"] / "pre" / "avssl" / "release"
+    out = tmp_path / "probe.json"
+    done = subprocess.run([sys.executable, str(REPO / "benchmarks/probe_features.py"), "--release", str(release),
+                           "--data", str(world["corpus"]), "--layers", "all", "--json", str(out)],
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "| raw |" in done.stdout
+    results = json.loads(out.read_text())["results"]
+    assert set(results) == {str(release), "random", "raw"}
+    assert set(results["raw"]) == {"a", "v"} and set(results["random"]) == {"av", "a", "v"}
+    for row in results.values():
+        for cell in row.values():
+            assert 0.0 <= cell["emotion_ua"] <= 100.0 and 0.0 <= cell["spoof_eer"] <= 100.0

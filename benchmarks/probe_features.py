@@ -1,0 +1,141 @@
+"""Frozen-feature probe: how much emotion and spoof information each representation carries.
+
+A diagnostic script, not a test and not the proof (`avssl prove` is the proof: the product's own
+finetuning runner, heads and budget). This one fits scikit-learn's logistic regression to
+convergence on standardized frozen features of the corpus's train split and scores the test split
+(unseen speakers), so it measures the representation, not how fast a head learns on it:
+
+  emotion UA  classifier on bona fide clips, unweighted accuracy over the six emotions
+  spoof EER   classifier bona fide vs spoof, EER of its bona fide score (finetune.metrics.eer)
+
+Representations, each in modality settings AV / A / V where it has them:
+  <release>   the mean-pooled last hidden state of a released backbone (AV: the backbone's
+              `fused_embeds` of the joint sequence); `--layers all` adds every layer's mean and
+              std over tokens
+  random      the same architecture from a random initialization (avssl prove's baseline: seed 0)
+  raw         hand-made input statistics, no network: per-mel-bin mean and std of the fbank and std
+              of its frame-to-frame difference (A); per-8x8-pixel-block mean and std over frames (V)
+
+Usage:
+  python benchmarks/probe_features.py --release runs/demo/avssl/release --data data/demo
+  python benchmarks/probe_features.py --release R1 --release R2 --data data/demo --no-random --json out.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import torch
+from sklearn.linear_model import LogisticRegression
+from sklearn.preprocessing import StandardScaler
+
+from avssl.finetune.evaluate import eval_loader, mode_flags
+from avssl.finetune.metrics import eer, unweighted_accuracy
+from avssl.finetune.proof import _random_backbone_release
+from avssl.pretrain.modeling import AVViTModel
+
+MODES = ("av", "a", "v")
+
+
+def backbone_features(release: Path, corpus: Path, split: str, all_layers: bool) -> tuple[dict[str, np.ndarray], np.ndarray, np.ndarray]:
+    """Pooled frozen features per mode: {mode: [N, P]}, emotion [N], is_spoof [N]."""
+    model = AVViTModel.from_pretrained(release).eval()
+    features = json.loads((release / "avssl_features.json").read_text())
+    loader = eval_loader(corpus, split, features, 32, ["audio", "video"])
+    out: dict[str, list[np.ndarray]] = {m: [] for m in MODES}
+    emotion, spoof = [], []
+    with torch.no_grad():
+        for batch in loader:
+            for mode in MODES:
+                has_audio, has_video, _ = mode_flags(batch, mode)
+                audio = batch["audio"] if mode != "v" else None
+                video = batch["video"] if mode != "a" else None
+                o = model(audio=audio, video=video, has_audio=has_audio if audio is not None else None,
+                          has_video=has_video if video is not None else None, output_hidden_states=all_layers)
+                pooled = {"av": o.fused_embeds, "a": o.audio_embeds, "v": o.video_embeds}[mode]  # (B, D)
+                parts = [pooled]
+                if all_layers:
+                    parts += [h.mean(1) for h in o.hidden_states] + [h.std(1) for h in o.hidden_states]
+                out[mode].append(torch.cat(parts, -1).numpy())
+            emotion.append(batch["emotion"].numpy())
+            spoof.append(batch["is_spoof"].numpy())
+    return {m: np.concatenate(v) for m, v in out.items()}, np.concatenate(emotion), np.concatenate(spoof)
+
+
+def raw_features(corpus: Path, split: str, features: dict) -> tuple[dict[str, np.ndarray], np.ndarray, np.ndarray]:
+    """Input statistics without a network: A = fbank [B, T, F] -> mean, std, delta std [B, 3F];
+    V = frames [B, V, 3, H, W] -> 8x8 block means, then their mean and std over frames."""
+    loader = eval_loader(corpus, split, features, 32, ["audio", "video"])
+    audio_rows, video_rows, emotion, spoof = [], [], [], []
+    for batch in loader:
+        fbank = batch["audio"].float()  # (B, T, F)
+        delta = fbank[:, 1:] - fbank[:, :-1]
+        audio_rows.append(torch.cat([fbank.mean(1), fbank.std(1), delta.std(1)], -1).numpy())
+        frames = batch["video"].float()  # (B, V, 3, H, W)
+        blocks = torch.nn.functional.avg_pool2d(frames.flatten(0, 1), 8).view(frames.shape[0], frames.shape[1], -1)  # (B, V, 3*H/8*W/8)
+        video_rows.append(torch.cat([blocks.mean(1), blocks.std(1)], -1).numpy())
+        emotion.append(batch["emotion"].numpy())
+        spoof.append(batch["is_spoof"].numpy())
+    return {"a": np.concatenate(audio_rows), "v": np.concatenate(video_rows)}, np.concatenate(emotion), np.concatenate(spoof)
+
+
+def probe(train, test, c: float) -> dict[str, dict[str, float]]:
+    """Logistic regression per mode -> {mode: {"emotion_ua": %, "spoof_eer": %}}."""
+    (x_train, emo_train, spoof_train), (x_test, emo_test, spoof_test) = train, test
+    results = {}
+    for mode in x_train:
+        scaler = StandardScaler().fit(x_train[mode])
+        xtr, xte = scaler.transform(x_train[mode]), scaler.transform(x_test[mode])
+        bona_tr, bona_te = spoof_train == 0, spoof_test == 0
+        emo = LogisticRegression(C=c, max_iter=3000).fit(xtr[bona_tr], emo_train[bona_tr])
+        ua = unweighted_accuracy(emo_test[bona_te], emo.predict(xte[bona_te]))
+        cm = LogisticRegression(C=c, max_iter=3000).fit(xtr, spoof_train)
+        bona_score = -cm.decision_function(xte)  # higher = bona fide
+        results[mode] = {"emotion_ua": round(100 * ua, 1), "spoof_eer": round(100 * eer(bona_score, bona_te.astype(int)).eer, 1)}
+    return results
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--release", type=Path, action="append", default=[], help="a released backbone (repeatable)")
+    parser.add_argument("--data", type=Path, required=True, help="a corpus with train and test splits")
+    parser.add_argument("--no-random", action="store_true", help="skip the random-init twin of the first release")
+    parser.add_argument("--no-raw", action="store_true", help="skip the raw input statistics")
+    parser.add_argument("--layers", choices=("last", "all"), default="last")
+    parser.add_argument("--C", type=float, default=0.1, help="inverse L2 strength of the logistic regression")
+    parser.add_argument("--json", type=Path, help="also write the results here")
+    args = parser.parse_args()
+    if not args.release:
+        parser.error("--release is required (the random twin and the feature settings come from it)")
+    torch.set_num_threads(max(1, torch.get_num_threads()))
+
+    results: dict[str, dict] = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        releases = {str(r): r.resolve() for r in args.release}
+        if not args.no_random:
+            releases["random"] = _random_backbone_release(args.release[0].resolve(), Path(tmp) / "random")
+        for name, release in releases.items():
+            all_layers = args.layers == "all"
+            split = {s: backbone_features(release, args.data, s, all_layers) for s in ("train", "test")}
+            results[name] = probe(split["train"], split["test"], args.C)
+            print(f"{name}: {results[name]}", flush=True)
+    if not args.no_raw:
+        features = json.loads((args.release[0] / "avssl_features.json").read_text())
+        split = {s: raw_features(args.data, s, features) for s in ("train", "test")}
+        results["raw"] = probe(split["train"], split["test"], args.C)
+        print(f"raw: {results['raw']}", flush=True)
+
+    print(f"\n| features | emotion UA % (AV / A / V) | spoof EER % (AV / A / V) |\n| --- | --- | --- |")
+    for name, r in results.items():
+        cell = lambda key: " / ".join(str(r[m][key]) if m in r else "-" for m in MODES)  # noqa: E731
+        print(f"| {name} | {cell('emotion_ua')} | {cell('spoof_eer')} |")
+    if args.json:
+        args.json.write_text(json.dumps({"data": str(args.data), "C": args.C, "layers": args.layers, "results": results}, indent=2))
+
+
+if __name__ == "__main__":
+    main()
