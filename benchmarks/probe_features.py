@@ -11,7 +11,8 @@ convergence on standardized frozen features of the corpus's train split and scor
 Representations, each in modality settings AV / A / V where it has them:
   <release>   the mean-pooled last hidden state of a released backbone (AV: the backbone's
               `fused_embeds` of the joint sequence); `--layers all` adds every layer's mean and
-              std over tokens
+              std over tokens. Two more rows split the joint pass: "av.audio" / "av.video" pool
+              only the audio / video tokens of the joint sequence (what joint attention did to them)
   random      the same architecture from a random initialization (avssl prove's baseline: seed 0)
   raw         hand-made input statistics, no network: per-mel-bin mean and std of the fbank and std
               of its frame-to-frame difference (A); per-8x8-pixel-block mean and std over frames (V)
@@ -39,6 +40,7 @@ from avssl.finetune.proof import _random_backbone_release
 from avssl.pretrain.modeling import AVViTModel
 
 MODES = ("av", "a", "v")
+JOINT_PARTS = ("av.audio", "av.video")  # each modality's tokens pooled from the joint pass
 
 
 def backbone_features(release: Path, corpus: Path, split: str, all_layers: bool) -> tuple[dict[str, np.ndarray], np.ndarray, np.ndarray]:
@@ -46,7 +48,7 @@ def backbone_features(release: Path, corpus: Path, split: str, all_layers: bool)
     model = AVViTModel.from_pretrained(release).eval()
     features = json.loads((release / "avssl_features.json").read_text())
     loader = eval_loader(corpus, split, features, 32, ["audio", "video"])
-    out: dict[str, list[np.ndarray]] = {m: [] for m in MODES}
+    out: dict[str, list[np.ndarray]] = {m: [] for m in (*MODES, *JOINT_PARTS)}
     emotion, spoof = [], []
     with torch.no_grad():
         for batch in loader:
@@ -61,6 +63,9 @@ def backbone_features(release: Path, corpus: Path, split: str, all_layers: bool)
                 if all_layers:
                     parts += [h.mean(1) for h in o.hidden_states] + [h.std(1) for h in o.hidden_states]
                 out[mode].append(torch.cat(parts, -1).numpy())
+                if mode == "av":
+                    out["av.audio"].append(o.audio_embeds.numpy())
+                    out["av.video"].append(o.video_embeds.numpy())
             emotion.append(batch["emotion"].numpy())
             spoof.append(batch["is_spoof"].numpy())
     return {m: np.concatenate(v) for m, v in out.items()}, np.concatenate(emotion), np.concatenate(spoof)
@@ -133,6 +138,10 @@ def main() -> None:
     for name, r in results.items():
         cell = lambda key: " / ".join(str(r[m][key]) if m in r else "-" for m in MODES)  # noqa: E731
         print(f"| {name} | {cell('emotion_ua')} | {cell('spoof_eer')} |")
+    for name, r in results.items():
+        if "av.audio" in r:
+            parts = ", ".join(f"{p} {r[p]['emotion_ua']} / {r[p]['spoof_eer']}" for p in JOINT_PARTS)
+            print(f"{name}, tokens of the joint pass (emotion UA / spoof EER): {parts}")
     if args.json:
         args.json.write_text(json.dumps({"data": str(args.data), "C": args.C, "layers": args.layers, "results": results}, indent=2))
 

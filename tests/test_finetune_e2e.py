@@ -238,10 +238,10 @@ def test_frozen_feature_probe_script_scores_release_random_twin_and_raw_inputs(w
                            "--data", str(world["corpus"]), "--layers", "all", "--json", str(out)],
                           capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-2000:]
-    assert "| raw |" in done.stdout
+    assert "| raw |" in done.stdout and "tokens of the joint pass" in done.stdout
     results = json.loads(out.read_text())["results"]
     assert set(results) == {str(release), "random", "raw"}
-    assert set(results["raw"]) == {"a", "v"} and set(results["random"]) == {"av", "a", "v"}
+    assert set(results["raw"]) == {"a", "v"} and set(results["random"]) == {"av", "a", "v", "av.audio", "av.video"}
     for row in results.values():
         for cell in row.values():
             assert 0.0 <= cell["emotion_ua"] <= 100.0 and 0.0 <= cell["spoof_eer"] <= 100.0
