@@ -36,7 +36,7 @@ from sklearn.preprocessing import StandardScaler
 
 from avssl.finetune.evaluate import eval_loader, mode_flags
 from avssl.finetune.metrics import eer, unweighted_accuracy
-from avssl.finetune.proof import _random_backbone_release
+from avssl.finetune.proof import random_backbone_release
 from avssl.pretrain.modeling import AVViTModel
 
 MODES = ("av", "a", "v")
@@ -116,15 +116,14 @@ def main() -> None:
     args = parser.parse_args()
     if not args.release:
         parser.error("--release is required (the random twin and the feature settings come from it)")
-    torch.set_num_threads(max(1, torch.get_num_threads()))
 
     results: dict[str, dict] = {}
     with tempfile.TemporaryDirectory() as tmp:
         releases = {str(r): r.resolve() for r in args.release}
         if not args.no_random:
-            releases["random"] = _random_backbone_release(args.release[0].resolve(), Path(tmp) / "random")
+            releases["random"] = random_backbone_release(args.release[0].resolve(), Path(tmp) / "random")
+        all_layers = args.layers == "all"
         for name, release in releases.items():
-            all_layers = args.layers == "all"
             split = {s: backbone_features(release, args.data, s, all_layers) for s in ("train", "test")}
             results[name] = probe(split["train"], split["test"], args.C)
             print(f"{name}: {results[name]}", flush=True)

@@ -25,7 +25,7 @@ TASKS = ("speaker", "emotion", "spoof")
 HEADLINE = {"speaker": ("eer", True), "emotion": ("unweighted_accuracy", False), "spoof": ("eer", True)}
 
 
-def _random_backbone_release(pretrained: Path, out: Path) -> Path:
+def random_backbone_release(pretrained: Path, out: Path) -> Path:
     """A randomly initialized backbone with the pretrained one's config and feature settings."""
     import shutil
 
@@ -63,7 +63,7 @@ def prove(pretrained: Path, corpus: Path, out: Path, steps: int, storage: Path, 
     pretrained, corpus, out = Path(pretrained).resolve(), Path(corpus).resolve(), Path(out)
     out.mkdir(parents=True, exist_ok=True)
     tag = release_tag(pretrained)
-    random_release = _random_backbone_release(pretrained, out / f"random_backbone-{tag}")
+    random_release = random_backbone_release(pretrained, out / f"random_backbone-{tag}")
     rows: list[dict[str, Any]] = []
     for init_name, release in (("pretrained", pretrained), ("random", random_release)):
         zs = evaluate(release, corpus, out / f"zeroshot_{init_name}", zero_shot=True)
