@@ -179,6 +179,30 @@ def check_corpus(recipe: Any) -> Any:
     return recipe.model_copy(update={"data": recipe.data.model_copy(update={"corpus": str(corpus)})})
 
 
+# Sections that fix what a checkpoint holds (parameter shapes, what the features mean): a run
+# resumes only under the same values. Steps, learning rate, data and logging may change.
+SHAPE_SECTIONS = ("model", "head", "features")
+
+
+def check_resumable(recipe: Any, run_dir: Path) -> None:
+    """Refuse to resume a run whose checkpoints were written under a different model, head or
+    feature config: DeepSpeed would fail deep inside the workers after every restart."""
+    import yaml
+
+    saved = run_dir / "avssl" / RUN_CONFIG
+    if not saved.is_file() or not any(run_dir.glob("checkpoint_*")):
+        return
+    before = flatten({k: v for k, v in (yaml.safe_load(saved.read_text()) or {}).items() if k in SHAPE_SECTIONS})
+    now = flatten({k: v for k, v in recipe.model_dump(mode="json").items() if k in SHAPE_SECTIONS})
+    changed = sorted(k for k in before.keys() | now.keys() if before.get(k) != now.get(k))
+    if changed:
+        diff = "; ".join(f"{k}: {before.get(k)!r} -> {now.get(k)!r}" for k in changed[:6])
+        raise AvsslError(
+            f"{run_dir} holds checkpoints of a different model ({diff}{'; ...' if len(changed) > 6 else ''}), "
+            f"so it cannot resume under this recipe. Pick a new run name (--set trainer.name=...) or delete "
+            f"{run_dir} to start over.")
+
+
 def run_pretraining(recipe: PretrainRecipe, address: str | None = None) -> RunResult:
     """Pretraining: the shared runner with the pretraining workload and a backbone release."""
     return run_training(recipe, address, kind="pretrain",
@@ -206,6 +230,7 @@ def run_training(recipe: Any, address: str | None, *, kind: str, export=None,
     control.mkdir(parents=True, exist_ok=True)
     for marker in ("STOP", "PREEMPTED"):
         (control / marker).unlink(missing_ok=True)
+    check_resumable(recipe, run_dir)
     save_resolved(recipe, control / RUN_CONFIG)
     extra = {**(extra or {}), **((prepare(run_dir) if prepare else None) or {})}
 

@@ -151,9 +151,15 @@ class MlflowLogger(NullLogger):
             metrics, step, ts = payload
             client.log_batch(self.run_id, metrics=[Metric(k, float(v), ts, step) for k, v in metrics.items()])
         elif kind == "params":
-            items = [Param(k, v) for k, v in payload.items()]
+            # MLflow params are write-once: a resumed run (new code commit, new library version)
+            # keeps the first values as params and records what changed as `resumed.<key>` tags.
+            logged = client.get_run(self.run_id).data.params
+            changed = {k: v for k, v in payload.items() if k in logged and logged[k] != v}
+            items = [Param(k, v) for k, v in payload.items() if k not in logged]
             for i in range(0, len(items), 100):  # MLflow's per-batch limit
                 client.log_batch(self.run_id, params=items[i : i + 100])
+            if changed:
+                client.log_batch(self.run_id, tags=[RunTag(f"resumed.{k}", v[:5000]) for k, v in changed.items()])
         elif kind == "tags":
             client.log_batch(self.run_id, tags=[RunTag(k, str(v)) for k, v in payload.items()])
         elif kind == "artifact":

@@ -12,7 +12,8 @@ absent), `v` (video only). A sample that lacks the modality a setting needs is l
   `zero_shot=True` scores a pretrained backbone's mean-pooled embeddings with no head at all.
 
 Outputs: `report.json`, plots (DET curve, score histograms per class or attack, confusion
-matrix) in `out`, and a table printed by the CLI.
+matrix) and per-sample score files (`scores_<mode>.tsv`, `write_scores`) in `out`, and a table
+printed by the CLI.
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ from avssl.data.features import FeatureConfig
 from avssl.data.loader import DataConfig, StreamingLoader
 from avssl.finetune import metrics as M
 from avssl.finetune.labels import LabelMap
-from avssl.io import write_json
+from avssl.io import atomic_write_text, write_json
 from avssl.progress import progress_bar
 
 MODES = ("av", "a", "v")
@@ -74,11 +75,12 @@ def _forward_all(loader: StreamingLoader, modes: list[str], fn: Callable, total:
     return {m: {k: (torch.cat(v).numpy() if k != "meta" else v) for k, v in d.items()} for m, d in out.items() if d}
 
 
-def evaluate_emotion(model, labels: list[str], loader, modes, total, label_map: LabelMap) -> dict[str, Any]:
-    """UA, WA, F1s and per-class recall per mode; a sample's true class comes from `label_map`
-    (the release's label source)."""
+def evaluate_emotion(model, labels: list[str], loader, modes, total, label_map: LabelMap
+                     ) -> tuple[dict[str, Any], dict[str, Any]]:
+    """UA, WA, F1s and per-class recall per mode, and each clip's label and prediction; a sample's
+    true class comes from `label_map` (the release's label source)."""
     got = _forward_all(loader, modes, lambda a, v, ha, hv, mode: model.scores(a, v, ha, hv), total)
-    report = {}
+    report, raw = {}, {}
     for mode, d in got.items():
         truth = label_map(d["meta"]).numpy()
         keep = truth >= 0
@@ -88,7 +90,10 @@ def evaluate_emotion(model, labels: list[str], loader, modes, total, label_map: 
         y_true, y_pred = truth[keep], d["values"][keep].argmax(-1)
         report[mode] = M.classification_report(y_true, y_pred, labels)
         report[mode]["n"] = int(keep.sum())
-    return report
+        meta = [m for m, k in zip(d["meta"], keep.tolist()) if k]
+        raw[mode] = {"keys": [m["utterance"] for m in meta], "speakers": [m["speaker"] for m in meta],
+                     "labels": [labels[i] for i in y_true], "predictions": [labels[i] for i in y_pred]}
+    return report, raw
 
 
 def read_asv_scores(path: Path) -> tuple[np.ndarray, list[str]]:
@@ -139,7 +144,8 @@ def evaluate_spoof(model, loader, modes, total, asv: tuple[np.ndarray, list[str]
             for a in sorted(set(attacks) - {"-"})
         } if (bona == 1).any() and (bona == 0).any() else {}
         report[mode] = r
-        raw[mode] = {"scores": scores, "labels": bona, "groups": np.where(bona == 1, "bonafide", attacks)}
+        raw[mode] = {"scores": scores, "labels": bona, "groups": np.where(bona == 1, "bonafide", attacks),
+                     "keys": [m["utterance"] for m in d["meta"]], "speakers": [m["speaker"] for m in d["meta"]]}
     return report, raw
 
 
@@ -184,8 +190,46 @@ def evaluate_speaker(embed_fn: Callable, loader, trials: list[tuple[int, str, st
         r = M.binary_report(scores, labels)
         r["n_trials"], r["n_missing_trials"] = len(used), len(trials) - len(used)
         report[mode] = r
-        raw[mode] = {"scores": scores, "labels": labels, "groups": np.where(labels == 1, "target", "nontarget")}
+        speaker_of = {m["utterance"]: m["speaker"] for m in d["meta"]}
+        raw[mode] = {"scores": scores, "labels": labels, "groups": np.where(labels == 1, "target", "nontarget"),
+                     "keys": [f"{a} {b}" for _, a, b in used], "speakers": [speaker_of[a] for _, a, _ in used]}
     return report, raw
+
+
+SCORE_COLUMNS = {"binary": ("key", "speaker", "label", "group", "score"), "classes": ("key", "speaker", "label", "prediction")}
+
+
+def write_scores(raw: dict[str, dict[str, Any]], out: Path) -> list[Path]:
+    """Per-sample results, one tab-separated file per mode (`scores_<mode>.tsv`, with a header):
+    verification `key` = "enroll test", label 1 target / 0 non-target, speaker = the enrollment's;
+    spoof `key` = utterance, label 1 bona fide / 0 spoof, group = bonafide or the attack id; both
+    with `score` (higher = target / bona fide). Emotion: utterance, speaker, true label, prediction.
+    What `avssl prove` compares pretrained and random backbones with (read_scores)."""
+    paths = []
+    for mode, d in raw.items():
+        kind = "binary" if "scores" in d else "classes"
+        columns = [d["keys"], d["speakers"]]
+        if kind == "binary":
+            columns += [[int(x) for x in d["labels"]], [str(g) for g in d["groups"]], [f"{x:.9g}" for x in d["scores"]]]
+        else:
+            columns += [d["labels"], d["predictions"]]
+        lines = ["\t".join(SCORE_COLUMNS[kind])] + ["\t".join(map(str, row)) for row in zip(*columns)]
+        paths.append(out / f"scores_{mode}.tsv")
+        atomic_write_text(paths[-1], "\n".join(lines) + "\n")
+    return paths
+
+
+def read_scores(path: Path) -> dict[str, list[str]]:
+    """A `scores_<mode>.tsv` of write_scores -> {column: values as text}."""
+    rows = [line.split("\t") for line in Path(path).read_text().splitlines() if line]
+    if not rows or tuple(rows[0]) not in SCORE_COLUMNS.values():
+        raise AvsslError(f"{path}: not a score file of avssl evaluate (header {rows[0] if rows else 'missing'}); "
+                         "re-run the evaluation that wrote it")
+    header = rows[0]
+    for n, row in enumerate(rows[1:], 2):
+        if len(row) != len(header):
+            raise AvsslError(f"{path}:{n}: {len(row)} fields where the header has {len(header)}")
+    return {name: [row[i] for row in rows[1:]] for i, name in enumerate(header)}
 
 
 def plot_binary(raw: dict[str, Any], out: Path, title: str) -> list[Path]:
@@ -303,7 +347,7 @@ def evaluate(checkpoint: Path, corpus: Path, out: Path, *, task: str | None = No
     if task == "emotion":
         from avssl.finetune.runner import release_label_map
 
-        report = evaluate_emotion(model, labels, loader, modes, total, release_label_map(checkpoint, labels_csv))
+        report, raw = evaluate_emotion(model, labels, loader, modes, total, release_label_map(checkpoint, labels_csv))
         plots = plot_confusion(report, labels, out)
     elif task == "spoof":
         asv = read_asv_scores(Path(asv_scores)) if asv_scores is not None else None
@@ -322,10 +366,11 @@ def evaluate(checkpoint: Path, corpus: Path, out: Path, *, task: str | None = No
         if not zero_shot:  # the threshold `avssl verify` decides with: EER point on these trials
             calibration = {m: {"threshold": M.eer(r["scores"], r["labels"]).threshold, "trials": str(trials_path)} for m, r in raw.items()}
             write_json(checkpoint / CALIBRATION_FILE, calibration)
+    score_files = write_scores(raw, out)
     full = _jsonable({"task": task, "checkpoint": str(checkpoint), "corpus": str(corpus), "split": split,
                       "zero_shot": zero_shot, "eer_method": "ROC crossing with linear interpolation",
                       "asv_scores": str(asv_scores) if asv_scores is not None else None,
-                      "results": report, "plots": [p.name for p in plots]})
+                      "results": report, "plots": [p.name for p in plots], "scores": [p.name for p in score_files]})
     write_json(out / "report.json", full)
     return full
 

@@ -14,13 +14,19 @@ import math
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
+from avssl import AvsslError
 from avssl.config import load_config
-from avssl.finetune.evaluate import evaluate
+from avssl.finetune import metrics as M
+from avssl.finetune.evaluate import evaluate, read_scores
 from avssl.finetune.recipe import FinetuneRecipe
 from avssl.io import atomic_write_text, write_json
 
 REPO_CONFIGS = Path(__file__).resolve().parent.parent / "configs" / "finetune"
 TASKS = ("speaker", "emotion", "spoof")
+# Bootstrap resamples behind each clear-margin verdict (about 1 s per row on the demo's test split).
+RESAMPLES = 1000
 # The headline number per task and whether lower is better.
 HEADLINE = {"speaker": ("eer", True), "emotion": ("unweighted_accuracy", False), "spoof": ("eer", True)}
 
@@ -56,6 +62,19 @@ def release_tag(release: Path) -> str:
     return digest.hexdigest()[:8]
 
 
+def recipe_tag(recipe: FinetuneRecipe) -> str:
+    """A short hash of a resolved proof recipe (overrides included) without its run name and init:
+    a linear-probe proof and a full-finetuning proof, or the same proof after a recipe change, get
+    their own runs instead of resuming each other's."""
+    import hashlib
+    import json
+
+    tree = recipe.model_dump(mode="json")
+    tree["trainer"].pop("name", None)
+    tree["init"].pop("source", None)
+    return hashlib.sha256(json.dumps(tree, sort_keys=True).encode()).hexdigest()[:6]
+
+
 def prove(pretrained: Path, corpus: Path, out: Path, steps: int, storage: Path, tasks: tuple[str, ...] = TASKS,
           overrides: list[str] | None = None) -> dict[str, Any]:
     from avssl.finetune.runner import run_finetuning
@@ -69,21 +88,24 @@ def prove(pretrained: Path, corpus: Path, out: Path, steps: int, storage: Path, 
         zs = evaluate(release, corpus, out / f"zeroshot_{init_name}", zero_shot=True)
         for mode, r in zs["results"].items():
             rows.append({"task": "speaker (zero-shot)", "mode": mode, "init": init_name, "metric": "eer", "value": r["eer"],
-                         "n": effective_n(r)})
+                         "n": effective_n(r), "scores": str(out / f"zeroshot_{init_name}" / f"scores_{mode}.tsv")})
     for task in tasks:
         for init_name, release in (("pretrained", pretrained), ("random", random_release)):
             recipe = load_config(FinetuneRecipe, REPO_CONFIGS / f"{task}.yaml", [
-                f"data.corpus={corpus}", f"trainer.storage_path={storage}", f"trainer.name=prove-{task}-{init_name}-{tag}",
-                f"trainer.total_steps={steps}", f"trainer.checkpoint_every={steps}", f"init.source={release}",
-                f"mlflow.experiment=avssl-proof", *(overrides or []),
+                f"data.corpus={corpus}", f"trainer.storage_path={storage}", f"trainer.total_steps={steps}",
+                f"trainer.checkpoint_every={steps}", f"init.source={release}", f"mlflow.experiment=avssl-proof",
+                *(overrides or []),
             ])
+            name = f"prove-{task}-{init_name}-{tag}-{recipe_tag(recipe)}"
+            recipe = recipe.model_copy(update={"trainer": recipe.trainer.model_copy(update={"name": name})})
             result = run_finetuning(recipe)
-            report = evaluate(result.release, corpus, out / f"{task}_{init_name}", split=recipe.eval.split,
+            report_dir = out / f"{task}_{init_name}"
+            report = evaluate(result.release, corpus, report_dir, split=recipe.eval.split,
                               trials=corpus / recipe.eval.trials if recipe.eval.trials else None)
             metric, _ = HEADLINE[task]
             for mode, r in report["results"].items():
                 rows.append({"task": task, "mode": mode, "init": init_name, "metric": metric, "value": r[metric],
-                             "n": effective_n(r)})
+                             "n": effective_n(r), "scores": str(report_dir / f"scores_{mode}.tsv")})
     table = comparison(rows)
     write_json(out / "proof.json", {"pretrained": str(pretrained), "corpus": str(corpus), "steps": steps, "rows": rows, "table": table})
     atomic_write_text(out / "proof.md", markdown(table, steps))
@@ -119,17 +141,35 @@ def effective_n(result: dict[str, Any]) -> int:
     return int(result.get("n", 0))
 
 
-def clear_margin(p: float, q: float, n: int) -> float:
-    """Two standard errors of the difference of two rates p, q (in [0, 1]) each measured on n
-    samples: sqrt(p(1-p)/n + q(1-q)/n) x 2. A difference beyond it is a clear margin, not chance."""
-    if n <= 0:
-        return float("inf")
-    return 2.0 * math.sqrt((p * (1 - p) + q * (1 - q)) / n)
+def paired_gain(pretrained_scores: Path, random_scores: Path, resamples: int = RESAMPLES) -> M.BootstrapResult:
+    """The gain of the pretrained backbone over the random one (EER of random minus EER of
+    pretrained; UA of pretrained minus UA of random) on the same test samples, with its paired
+    speaker-cluster bootstrap (metrics.paired_bootstrap): both score files of one task and mode."""
+    p, q = read_scores(pretrained_scores), read_scores(random_scores)
+    if sorted(p["key"]) != sorted(q["key"]):
+        raise AvsslError(f"{pretrained_scores} and {random_scores} score different samples: re-run `avssl prove` "
+                         "so that both backbones are evaluated on the same split and trials")
+    order = {k: i for i, k in enumerate(q["key"])}
+    align = np.array([order[k] for k in p["key"]])
+    speakers = np.array(p["speaker"])
+    if "score" in p:
+        labels = np.array(p["label"], dtype=int)
+        sp, sq = np.array(p["score"], dtype=float), np.array(q["score"], dtype=float)[align]
+        stat = lambda i: M.eer(sq[i], labels[i]).eer - M.eer(sp[i], labels[i]).eer  # noqa: E731
+    else:
+        classes = {c: k for k, c in enumerate(sorted(set(p["label"]) | set(p["prediction"]) | set(q["prediction"])))}
+        truth = np.array([classes[c] for c in p["label"]])
+        yp = np.array([classes[c] for c in p["prediction"]])
+        yq = np.array([classes[c] for c in q["prediction"]])[align]
+        stat = lambda i: M.unweighted_accuracy(truth[i], yp[i]) - M.unweighted_accuracy(truth[i], yq[i])  # noqa: E731
+    return M.paired_bootstrap(stat, speakers, resamples=resamples)
 
 
-def comparison(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """One line per (task, mode): pretrained and random values, whether pretrained is better, and
-    whether by a clear margin (more than two standard errors of the difference, `clear_margin`)."""
+def comparison(rows: list[dict[str, Any]], resamples: int = RESAMPLES) -> list[dict[str, Any]]:
+    """One line per (task, mode): pretrained and random values, the gain (positive = pretrained
+    better) and whether it is a clear margin: more than two standard errors of the paired
+    speaker-cluster bootstrap of the gain (`paired_gain`), i.e. beyond what re-drawing the test
+    speakers moves it by. Also its 95 % bootstrap interval."""
     by = {(r["task"], r["mode"], r["init"]): r for r in rows}
     out = []
     for (task, mode, init) in by:
@@ -138,16 +178,20 @@ def comparison(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
         p, q = by[(task, mode, "pretrained")], by[(task, mode, "random")]
         lower = p["metric"] == "eer"
         gain = (q["value"] - p["value"]) if lower else (p["value"] - q["value"])
-        margin = clear_margin(p["value"], q["value"], min(p.get("n", 0), q.get("n", 0)))
+        boot = paired_gain(Path(p["scores"]), Path(q["scores"]), resamples)
+        margin = 2.0 * boot.standard_error
         out.append({"task": task, "mode": mode.upper(), "metric": "EER %" if lower else "UA %",
                     "pretrained": 100 * p["value"], "random": 100 * q["value"], "gain": 100 * gain,
-                    "clear_margin": 100 * margin, "pretrained_better": gain > 0, "clearly_better": gain > margin})
+                    "clear_margin": 100 * margin, "interval": [100 * boot.low, 100 * boot.high],
+                    "speakers": boot.clusters, "n": min(p.get("n", 0), q.get("n", 0)),
+                    "pretrained_better": gain > 0, "clearly_better": gain > margin})
     return out
 
 
 def markdown(table: list[dict[str, Any]], steps: int) -> str:
     lines = [f"Pretrained vs random backbone, same head, data and {steps} finetuning steps (lower EER, higher UA is better;",
-             "gain in points, clear = gain beyond two standard errors of the difference).", "",
+             "gain in points, positive = pretrained better; clear = gain beyond two standard errors of a paired",
+             "bootstrap over the test speakers).", "",
              "| task | modality | metric | pretrained | random | gain | clear margin |", "| --- | --- | --- | --- | --- | --- | --- |"]
     for t in table:
         verdict = "yes" if t["clearly_better"] else ("better, within noise" if t["pretrained_better"] else "no")

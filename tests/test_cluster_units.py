@@ -102,6 +102,14 @@ def test_sqlite_logging_and_run_reuse(tmp_path):
     assert open_run(cfg, uri, "r2", tmp_path) != run_id
     hist = MlflowClient(uri).get_metric_history(run_id, "loss")
     assert sorted(m.step for m in hist) == [1, 2, 3] and MlflowClient(uri).get_run(run_id).data.params["a.b"] == "1"
+    # Resuming under new code: params are write-once, so a changed value becomes a tag, at once
+    # (no retries) and without dropping the new keys logged beside it.
+    logger = MlflowLogger(uri, run_id, cfg)
+    logger.log_params({"a.b": 2, "c": "new"})
+    logger.finish(status=None)
+    run = MlflowClient(uri).get_run(run_id)
+    assert logger.dropped == 0 and run.data.params["a.b"] == "1" and run.data.params["c"] == "new"
+    assert run.data.tags["resumed.a.b"] == "2"
 
 
 def _closed_port() -> int:
@@ -137,3 +145,23 @@ def test_cluster_manifests_reference_real_entry_points():
     workers = rayjob["spec"]["rayClusterSpec"]["workerGroupSpecs"][0]
     gpu = workers["template"]["spec"]["containers"][0]["resources"]["limits"]["nvidia.com/gpu"]
     assert int(gpu) >= 1
+
+
+def test_resuming_under_a_different_model_is_refused_by_name(tmp_path):
+    """A run's checkpoints fix the model, head and features: resuming it under other values names
+    the run, the changed keys and the fix; steps, learning rate and data may change."""
+    from avssl import AvsslError
+    from avssl.cluster.export import RUN_CONFIG
+    from avssl.cluster.launch import check_resumable
+    from avssl.config import save_resolved
+    from avssl.finetune.recipe import FinetuneRecipe
+
+    recipe = load_config(FinetuneRecipe, REPO / "configs/finetune/emotion.yaml")
+    run_dir = tmp_path / "prove-emotion"
+    save_resolved(recipe, run_dir / "avssl" / RUN_CONFIG)
+    check_resumable(load_config(FinetuneRecipe, REPO / "configs/finetune/emotion.yaml", ["head.fusion=joint"]), run_dir)
+    (run_dir / "checkpoint_000100").mkdir()  # from here on there is something to resume
+    check_resumable(load_config(FinetuneRecipe, REPO / "configs/finetune/emotion.yaml",
+                                ["trainer.total_steps=400", "optim.base_lr=0.01"]), run_dir)
+    with pytest.raises(AvsslError, match=r"prove-emotion holds checkpoints of a different model \(head.fusion: 'late' -> 'joint'\).*trainer.name"):
+        check_resumable(load_config(FinetuneRecipe, REPO / "configs/finetune/emotion.yaml", ["head.fusion=joint"]), run_dir)

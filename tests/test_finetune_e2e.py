@@ -193,6 +193,7 @@ def test_resolve_init_sources_and_errors(world, tmp_path):
 def test_prove_compares_pretrained_and_random_and_names_runs_by_the_release(world, tmp_path, capsys):
     """`avssl prove` finetunes the same recipe from the release and from a random backbone, writes the
     table (gain and its two-standard-error margin per modality) and keys its runs by the weights' hash."""
+    from avssl.finetune.evaluate import read_scores
     from avssl.finetune.proof import release_tag
 
     release = world["runs"] / "pre" / "avssl" / "release"
@@ -208,10 +209,13 @@ def test_prove_compares_pretrained_and_random_and_names_runs_by_the_release(worl
     assert rows == {(task, mode) for task in ("emotion", "speaker (zero-shot)") for mode in ("AV", "A", "V")}
     for t in proof["table"]:
         assert t["gain"] == pytest.approx((t["pretrained"] - t["random"]) * (1 if t["metric"] == "UA %" else -1))
-        assert t["clearly_better"] == (t["gain"] > t["clear_margin"]) and 0 < t["clear_margin"] < 100
+        assert t["clearly_better"] == (t["gain"] > t["clear_margin"]) and 0 <= t["clear_margin"] < 100
+        assert t["interval"][0] <= t["interval"][1] and t["speakers"] >= 2  # the paired speaker bootstrap
+    assert read_scores(out / "emotion_pretrained" / "scores_a.tsv")["key"]  # what the verdicts were computed from
     tag = release_tag(release)
-    assert {p.name for p in storage.iterdir() if p.name.startswith("prove-")} == {
-        f"prove-emotion-pretrained-{tag}", f"prove-emotion-random-{tag}"}
+    names = sorted(p.name for p in storage.iterdir() if p.name.startswith("prove-"))
+    assert [n.rsplit("-", 1)[0] for n in names] == [f"prove-emotion-pretrained-{tag}", f"prove-emotion-random-{tag}"]
+    assert len({n.rsplit("-", 1)[1] for n in names}) == 1  # one recipe hash for the pair
     assert "| emotion | AV | UA % |" in (out / "proof.md").read_text()
     from mlflow.tracking import MlflowClient
 

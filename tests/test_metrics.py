@@ -269,3 +269,66 @@ def test_ccc_by_hand():
     assert M.ccc(x, -x) == pytest.approx(-2 * 2 / (2 + 2 + 36))  # cov -2; (3 + 3)^2 = 36
     with pytest.raises(ValueError, match="differ in length"):
         M.ccc(x, x[:3])
+
+
+# ----------------------------------------------------------------------------- paired bootstrap
+
+
+def _mean_difference(p: np.ndarray, q: np.ndarray):
+    return lambda idx: float(p[idx].mean() - q[idx].mean())
+
+
+def test_paired_bootstrap_of_identical_systems_has_no_spread():
+    x = np.random.default_rng(0).normal(size=50)
+    r = M.paired_bootstrap(_mean_difference(x, x), np.arange(50), resamples=200)
+    assert r.difference == 0.0 and r.standard_error == 0.0 and r.low == r.high == 0.0
+
+
+def test_paired_bootstrap_of_a_mean_matches_the_textbook_standard_error():
+    """One sample per cluster: the bootstrap SE of a mean difference is sd(d) sqrt((n-1)/n) / sqrt(n)."""
+    rng = np.random.default_rng(1)
+    p, q = rng.normal(1.0, 1.0, 400), rng.normal(0.0, 1.0, 400)
+    r = M.paired_bootstrap(_mean_difference(p, q), np.arange(400), resamples=2000, seed=3)
+    d = p - q
+    assert r.difference == pytest.approx(d.mean())
+    assert r.standard_error == pytest.approx(d.std() / np.sqrt(d.size), rel=0.08)
+    assert r.low < d.mean() < r.high and r.clusters == 400 and r.resamples == 2000
+
+
+def test_paired_bootstrap_pairs_the_systems():
+    """Two systems sharing a large per-sample effect (hard and easy clips): the pairing cancels it,
+    so the SE is that of the small per-sample differences, not of either system."""
+    rng = np.random.default_rng(2)
+    shared = rng.normal(0.0, 10.0, 300)
+    p, q = shared + 0.5 + rng.normal(0, 0.1, 300), shared + rng.normal(0, 0.1, 300)
+    r = M.paired_bootstrap(_mean_difference(p, q), np.arange(300), resamples=500)
+    assert r.standard_error < 0.02 and r.low > 0.4
+
+
+def test_paired_bootstrap_counts_a_cluster_once_however_many_samples_it_has():
+    """Each sample copied five times inside its own cluster: the same seed draws the same clusters and
+    every resampled mean is unchanged, so the SE is exactly that of the uncopied set (a per-sample
+    bootstrap would shrink it by sqrt(5))."""
+    rng = np.random.default_rng(4)
+    p, q = rng.normal(size=40), rng.normal(size=40)
+    single = M.paired_bootstrap(_mean_difference(p, q), np.arange(40), resamples=300, seed=7)
+    copied = M.paired_bootstrap(_mean_difference(np.repeat(p, 5), np.repeat(q, 5)), np.repeat(np.arange(40), 5),
+                                resamples=300, seed=7)
+    assert copied.standard_error == pytest.approx(single.standard_error, rel=1e-9)
+    assert copied.clusters == 40
+
+
+def test_paired_bootstrap_skips_undefined_resamples_and_refuses_mostly_undefined():
+    # Cluster 0 holds targets only, 1 non-targets only, 2 both: a draw without a target (or without a
+    # non-target) source, (1/3)^3 each, leaves the EER undefined and is skipped.
+    labels = np.array([1, 1, 0, 0, 1, 0])
+    clusters = np.array([0, 0, 1, 1, 2, 2])
+    scores = np.array([0.9, 0.8, 0.1, 0.2, 0.7, 0.3])
+    eer_gap = lambda idx: M.eer(-scores[idx], labels[idx]).eer - M.eer(scores[idx], labels[idx]).eer  # noqa: E731
+    r = M.paired_bootstrap(eer_gap, clusters, resamples=400)
+    assert r.difference == 1.0 and 330 < r.resamples < 400
+    only_targets = lambda idx: M.eer(scores[idx], np.ones(idx.size)).eer  # noqa: E731
+    with pytest.raises(ValueError, match="undefined on 400 of 400"):
+        M.paired_bootstrap(only_targets, clusters, resamples=400)
+    with pytest.raises(ValueError, match="no samples"):
+        M.paired_bootstrap(eer_gap, [], resamples=10)
