@@ -4,7 +4,8 @@ Every task is reported per modality setting: `av` (both inputs), `a` (audio only
 absent), `v` (video only). A sample that lacks the modality a setting needs is left out of it.
 
 - emotion: WA (accuracy), UA (mean per-class recall), macro and weighted F1, per-class recall,
-  confusion matrix.
+  confusion matrix, over the bona fide clips (a spoofed copy carries its source's label but not
+  necessarily its expression: a monotone resynthesis has no prosody left).
 - spoof: EER (interpolated ROC crossing, `finetune.metrics.eer`) and minDCF of the bona fide
   score (higher = bona fide), overall and per attack (bona fide vs that attack).
 - speaker: cosine scores of L2-normalized embeddings on a VoxCeleb-format trial list; EER and
@@ -83,7 +84,7 @@ def evaluate_emotion(model, labels: list[str], loader, modes, total, label_map: 
     report, raw = {}, {}
     for mode, d in got.items():
         truth = label_map(d["meta"]).numpy()
-        keep = truth >= 0
+        keep = (truth >= 0) & (d["is_spoof"] == 0)  # emotion of bona fide speech: a spoof's label is its source's
         if not keep.any():
             raise AvsslError(f"no {mode} sample of this split has a label among {labels}: check the label source "
                              "(labels.key / labels.csv of the recipe, or --labels-csv)")

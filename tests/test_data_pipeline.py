@@ -224,3 +224,21 @@ def test_resume_position_replays_the_same_batches(corpus, workers):
     other = StreamingLoader(data, FEATURES)
     other.set_epoch(2)
     assert [m["utterance"] for b in other for m in b["meta"]] != [m["utterance"] for b in reference for m in b["meta"]]
+
+
+def test_a_corpus_that_disappears_is_an_error_not_a_spin(corpus, tmp_path):
+    """Resampled loaders draw shards forever: when none can be read (moved, deleted, unmounted),
+    the loader stops with an error naming the corpus instead of skipping forever."""
+    import shutil
+
+    from avssl import AvsslError
+
+    gone = tmp_path / "gone"
+    shutil.copytree(corpus, gone)
+    batches = iter(loader(gone))
+    assert len(next(batches)["meta"]) == 4
+    for shard in gone.glob("train-*.tar"):
+        shard.unlink()
+    with pytest.raises(AvsslError, match=rf"shard reads in a row failed.*{gone}.*avssl data inspect"):
+        for _ in range(50):
+            next(batches)

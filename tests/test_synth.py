@@ -297,3 +297,29 @@ def test_defaults_and_every_known_attack_validate():
     assert cfg.num_speakers > cfg.heldout_speakers and cfg.sample_rate == SAMPLE_RATE
     clip = generate_utterance(validate(SynthConfig, {"attacks": ["A04"], "spoof_fraction": 1.0, "video": False}), 0, 0)
     assert [c.meta.attack for c in clip] == ["-", "A04"]
+
+
+def test_faceswap_spoofs_change_only_the_inner_face():
+    """With spoof_video="faceswap" a spoof's frames are its bona fide face with another speaker's
+    inner face: same background and head motion, same mouth movement, different skin inside."""
+    cfg = SynthConfig(**{**SMALL, "spoof_video": "faceswap", "image_size": 48})
+    profiles = speakers(cfg)
+    found = 0
+    for u in range(cfg.utterances_per_speaker):
+        pair = generate_utterance(cfg, 1, u)
+        if len(pair) < 2:
+            continue
+        bona, spoof = pair
+        found += 1
+        source = spoof.meta.extra["face_source"]
+        assert source != bona.meta.speaker and source in {p.id for p in profiles}
+        assert spoof.video is not bona.video and spoof.video.shape == bona.video.shape
+        diff = np.abs(spoof.video.astype(int) - bona.video.astype(int)).max(-1)  # (T, H, W)
+        assert (diff[:, :3, :] == 0).all() and (diff[:, :, :3] == 0).all()  # background untouched
+        centre = diff[:, 20:30, 18:30]  # cheeks and nose of the 48x48 face
+        skins = np.abs(np.subtract(profiles[int(source[3:])].face.skin, profiles[1].face.skin)).max()
+        assert centre.mean() > 0.3 * skins
+        np.testing.assert_allclose(mouth_opening(spoof.video), mouth_opening(bona.video), atol=2e-3)
+    assert found >= 2
+    default = generate_utterance(SynthConfig(**SMALL), 1, 0)
+    assert len(default) < 2 or default[1].video is default[0].video

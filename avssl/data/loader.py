@@ -55,6 +55,9 @@ from avssl.data.shards import CorpusIndex
 log = logging.getLogger(__name__)
 
 Modality = Literal["audio", "video"]
+# Unreadable shard reads with no good sample in between before a loader gives up: a few bad
+# shards are skipped and counted, a corpus that is gone is an error.
+MAX_FAILED_READS_IN_A_ROW = 64
 
 
 class DataConfig(Section):
@@ -158,10 +161,19 @@ class SampleDecoder:
     rank: int
     skipped: int = 0
     epoch: int = 0
+    failed_in_a_row: int = 0  # unreadable shard reads since the last good sample
 
     def tar_error(self, exn: Exception) -> bool:
-        """webdataset handler for unreadable shards (truncated tar): count, warn, continue."""
+        """webdataset handler for unreadable shards (truncated tar): count, warn, continue; but
+        when reads keep failing with no good sample in between (the corpus was moved, deleted or
+        unmounted), stop with an error instead of spinning on shards that are not there."""
         self.skipped += 1
+        self.failed_in_a_row += 1
+        if self.failed_in_a_row >= MAX_FAILED_READS_IN_A_ROW:
+            raise AvsslError(
+                f"{self.failed_in_a_row} shard reads in a row failed without one readable sample (last: {exn}); "
+                f"check that the corpus at {self.data.corpus} is complete and reachable from every node "
+                f"(`avssl data inspect {self.data.corpus}`), then re-run to resume")
         log.warning("skipping unreadable shard data: %s", exn)
         return True
 
@@ -171,7 +183,9 @@ class SampleDecoder:
                 # Crop randomness depends on the sample and epoch only, not on stream position,
                 # so a resumed run that skips ahead sees exactly the crops it would have seen.
                 rng = np.random.default_rng(_seed(self.data.seed, self.epoch, sample.get("__key__")))
-                yield self.example(sample, rng)
+                example = self.example(sample, rng)
+                self.failed_in_a_row = 0
+                yield example
             except Exception as exc:  # one bad sample must never end a long run
                 self.skipped += 1
                 log.warning("skipping sample %s from %s: %s", sample.get("__key__"), sample.get("__url__"), exc)

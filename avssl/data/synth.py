@@ -29,7 +29,9 @@ parallel (`generate_utterance`). The generative model:
 - Spoofs. `spoof_fraction` of each speaker's bona fide utterances also appear spoofed by one
   attack of `cfg.attacks` (see `ATTACKS`), labelled spoof with the attack id, utterance id
   `<bona fide id>-<attack>`, and the bona fide speaker, emotion and split. A spoof shares the
-  bona fide clip's video array (the same object: treat clip arrays as read-only).
+  bona fide clip's video array (the same object: treat clip arrays as read-only), or with
+  `spoof_video="faceswap"` the same face re-rendered with another speaker's inner face (an
+  audio-visual deepfake, so that video-only spoof detection has something to find).
 - Splits. The last `heldout_speakers` speakers are "test"; `trials` draws VoxCeleb-style
   verification trials from their bona fide utterances only. A `val_fraction` of each train
   speaker's utterances are "val", the rest "train".
@@ -84,6 +86,13 @@ class SynthConfig(Section):
     attacks: list[str] = Field(
         default_factory=lambda: ["A01", "A02", "A03"],
         description=f"Attack ids used round-robin for spoofs, from {sorted(ATTACKS)}.",
+    )
+    spoof_video: Literal["bonafide", "faceswap"] = Field(
+        "bonafide",
+        description="A spoof's video: 'bonafide' reuses the bona fide clip's frames (audio-only attacks, as in "
+        "ASVspoof); 'faceswap' makes every spoof an audio-visual deepfake (FakeAVCeleb's fake video, fake audio): "
+        "the inner face (eyes, nose, mouth) is another speaker's skin, blended into the target's over a rim, "
+        "with the same head motion, expression and mouth movement.",
     )
     heldout_speakers: int = Field(6, ge=2, description="Speakers kept out of training, for verification trials.")
     val_fraction: float = Field(0.1, ge=0.0, lt=1.0, description="Fraction of each train speaker's utterances in val.")
@@ -677,12 +686,15 @@ def _spoof_audio(
 
 def _render_video(
     rng: np.random.Generator, face: Face, style: _Style, opening: np.ndarray, rounding: np.ndarray,
-    size: int, fps: float,
+    size: int, fps: float, swap_skin: Colour | None = None,
 ) -> np.ndarray:
     """Draw the talking face: opening, rounding [T] in [0, 1] -> uint8 [T, size, size, 3].
 
     Every part is a vectorized mask over [T, H, W]; coordinates are in units of half the image
-    side, so the same face draws at any resolution.
+    side, so the same face draws at any resolution. `swap_skin` draws a face swap: the inner face
+    (an ellipse over eyes, nose and mouth) in that skin colour, blended into the face's own skin
+    over the outer quarter of the ellipse (the seam a swap leaves); the same random draws follow,
+    so head motion, lighting, blinks and pixel noise are those of the unswapped face.
     """
     num_frames = opening.size
     time = np.arange(num_frames) / fps
@@ -716,11 +728,16 @@ def _render_video(
     img[hair_back & (v < -fh + 2 * fh * face.hair_length)] = hair
     r2 = (u / fw) ** 2 + (v / fh) ** 2  # (T, H, W)
     inside = r2 <= 1.0
-    shaded = (1.0 - 0.18 * r2)[..., None] * skin  # rounder look: darker towards the edge
+    face_skin = np.broadcast_to(skin, (num_frames, size, size, 3))
+    if swap_skin is not None:
+        inner = (u / (0.8 * fw)) ** 2 + ((v - 0.12 * fh) / (0.75 * fh)) ** 2  # (T, H, W): < 1 inside the swap
+        alpha = np.clip((1.0 - inner) / 0.25, 0.0, 1.0)[..., None]  # (T, H, W, 1): 1 within, ramps over the rim
+        face_skin = skin * (1.0 - alpha) + np.asarray(swap_skin) * alpha
+    shaded = (1.0 - 0.18 * r2)[..., None] * face_skin  # rounder look: darker towards the edge
     img[:] = np.where(inside[..., None], shaded, img)
     img[inside & (v < -fh + face.fringe * fh)] = hair
     nose = (u / (fw * 0.08)) ** 2 + ((v - face.nose_y) / (fh * 0.1)) ** 2 <= 1.0
-    img[nose] = skin * 0.82
+    img[nose] = face_skin[nose] * 0.82
 
     eye_ry = (face.eye_ry * eye_open)[:, None, None]
     for side in (-1.0, 1.0):
@@ -751,7 +768,8 @@ def _render_video(
     cavity_half = face.mouth_open * opening[:, None, None] * across
     dv = np.abs(v - centre)  # (T, H, W)
     in_mouth = np.abs(xn) <= 1.0
-    img[in_mouth & (dv <= cavity_half + face.lip_thick * (0.4 + 0.6 * across))] = 0.55 * skin + 0.45 * _LIP_TINT
+    lips = in_mouth & (dv <= cavity_half + face.lip_thick * (0.4 + 0.6 * across))
+    img[lips] = 0.55 * face_skin[lips] + 0.45 * _LIP_TINT
     img[in_mouth & (dv < cavity_half)] = _CAVITY
 
     img *= lighting
@@ -850,10 +868,18 @@ def generate_utterance(
     attack = _attacks_of(cfg, speaker_index).get(utterance_index)
     if attack is not None:
         spoofed = _spoof_audio(attack, audio, plan, profile.voice, sr, noise_seed, spoof_seed)
-        spoof_meta = replace(
-            meta, utterance=f"{utt}-{attack}", spoof="spoof", attack=attack, extra={**extra, "bonafide_of": utt}
-        )
-        clips.append(Clip(meta=spoof_meta, audio=spoofed, video=video))
+        spoof_extra = {**extra, "bonafide_of": utt}
+        spoof_video = video
+        if video is not None and cfg.spoof_video == "faceswap":
+            # The source face: another speaker, chosen by utterance so a target gets several.
+            source = (speaker_index + 1 + utterance_index % (cfg.num_speakers - 1)) % cfg.num_speakers
+            spoof_extra["face_source"] = _speaker_id(source)
+            spoof_video = _render_video(
+                np.random.default_rng(video_seed), profile.face, plan.style, opening,
+                _frame_means(rounding, bounds), cfg.image_size, cfg.fps, swap_skin=_speaker(cfg, source).face.skin,
+            )
+        spoof_meta = replace(meta, utterance=f"{utt}-{attack}", spoof="spoof", attack=attack, extra=spoof_extra)
+        clips.append(Clip(meta=spoof_meta, audio=spoofed, video=spoof_video))
     return clips
 
 
