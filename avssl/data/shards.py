@@ -13,7 +13,6 @@ import io
 import json
 import os
 import tarfile
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Iterator
@@ -145,10 +144,11 @@ class CorpusWriter:
         self._speakers.setdefault(split, set()).add(clip.meta.speaker)
         members = encode_clip(clip)
         shard = self._shard(split)
-        mtime = time.time()
         for ext, data in members.items():
             info = tarfile.TarInfo(f"{key}.{ext}")
-            info.size, info.mtime, info.mode = len(data), mtime, 0o444
+            # A fixed mtime (the epoch) keeps a shard a pure function of its samples: the same seed
+            # or the same raw dataset writes byte-identical tars (checksums, caches, dedup agree).
+            info.size, info.mtime, info.mode = len(data), 0, 0o444
             shard.tar.addfile(info, io.BytesIO(data))
             shard.bytes += len(data) + 512
         shard.count += 1
