@@ -70,6 +70,15 @@ def wait_for(predicate, timeout: float, proc: subprocess.Popen | None = None, wh
     raise AssertionError(f"timed out waiting for {what}")
 
 
+def registered_checkpoints(run_dir: Path) -> list[str]:
+    """Checkpoint folders Ray Train's controller has registered for a run (its snapshot file)."""
+    try:
+        snapshot = json.loads((run_dir / "checkpoint_manager_snapshot.json").read_text())
+    except (OSError, ValueError):  # not written yet, or caught mid-write
+        return []
+    return [c["checkpoint_dir_name"] for c in snapshot.get("checkpoint_results", [])]
+
+
 def _tail(proc) -> str:
     return (proc.stdout or "")[-4000:] + (proc.stderr or "")[-4000:]
 
@@ -110,9 +119,12 @@ def test_killed_worker_restarts_from_checkpoint(corpus, tmp_path):
     lines: list[str] = []
     reader = threading.Thread(target=lambda: lines.extend(iter(proc.stdout.readline, "")), daemon=True)
     reader.start()
-    # The checkpoint folder appears while Ray is still uploading it; a logged step 12 means
-    # checkpoint 8 was registered (report is a barrier) and training went on.
-    wait_for(lambda: any("step 12/80" in line for line in list(lines)), 300, None, "step 12, past the first checkpoint")
+    # Kill only once the controller has registered a checkpoint: its snapshot file lists it. A
+    # logged step after the first checkpoint is not enough (this test's old trigger, step 12):
+    # ray.train.report is a barrier between the workers only, the controller picks reports up
+    # when it next polls, and on an idle machine the workers ran past step 12 and were killed
+    # before that poll, so the restart began from scratch.
+    wait_for(lambda: registered_checkpoints(tmp_path / "faulty"), 300, None, "the controller to register a checkpoint")
     # This run's rank 1, from the placement record it wrote: matching processes by name could hit
     # a worker of another Ray session still shutting down.
     rank1 = json.loads((tmp_path / "faulty" / "avssl" / "placement" / "rank_1.json").read_text())
