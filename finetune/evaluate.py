@@ -200,6 +200,11 @@ def evaluate_speaker(embed_fn: Callable, loader, trials: list[tuple[int, str, st
 SCORE_COLUMNS = {"binary": ("key", "speaker", "label", "group", "score"), "classes": ("key", "speaker", "label", "prediction")}
 
 
+def score_file(out: Path, mode: str) -> Path:
+    """Where `evaluate(..., out)` writes the per-sample results of one mode."""
+    return Path(out) / f"scores_{mode}.tsv"
+
+
 def write_scores(raw: dict[str, dict[str, Any]], out: Path) -> list[Path]:
     """Per-sample results, one tab-separated file per mode (`scores_<mode>.tsv`, with a header):
     verification `key` = "enroll test", label 1 target / 0 non-target, speaker = the enrollment's;
@@ -215,7 +220,7 @@ def write_scores(raw: dict[str, dict[str, Any]], out: Path) -> list[Path]:
         else:
             columns += [d["labels"], d["predictions"]]
         lines = ["\t".join(SCORE_COLUMNS[kind])] + ["\t".join(map(str, row)) for row in zip(*columns)]
-        paths.append(out / f"scores_{mode}.tsv")
+        paths.append(score_file(out, mode))
         atomic_write_text(paths[-1], "\n".join(lines) + "\n")
     return paths
 

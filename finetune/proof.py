@@ -10,7 +10,6 @@ is printed, written as JSON and Markdown, and logged to MLflow (experiment avssl
 
 from __future__ import annotations
 
-import math
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +18,7 @@ import numpy as np
 from avssl import AvsslError
 from avssl.config import load_config
 from avssl.finetune import metrics as M
-from avssl.finetune.evaluate import evaluate, read_scores
+from avssl.finetune.evaluate import evaluate, read_scores, score_file
 from avssl.finetune.recipe import FinetuneRecipe
 from avssl.io import atomic_write_text, write_json
 
@@ -88,7 +87,7 @@ def prove(pretrained: Path, corpus: Path, out: Path, steps: int, storage: Path, 
         zs = evaluate(release, corpus, out / f"zeroshot_{init_name}", zero_shot=True)
         for mode, r in zs["results"].items():
             rows.append({"task": "speaker (zero-shot)", "mode": mode, "init": init_name, "metric": "eer", "value": r["eer"],
-                         "n": effective_n(r), "scores": str(out / f"zeroshot_{init_name}" / f"scores_{mode}.tsv")})
+                         "n": effective_n(r), "scores": str(score_file(out / f"zeroshot_{init_name}", mode))})
     for task in tasks:
         for init_name, release in (("pretrained", pretrained), ("random", random_release)):
             recipe = load_config(FinetuneRecipe, REPO_CONFIGS / f"{task}.yaml", [
@@ -105,7 +104,7 @@ def prove(pretrained: Path, corpus: Path, out: Path, steps: int, storage: Path, 
             metric, _ = HEADLINE[task]
             for mode, r in report["results"].items():
                 rows.append({"task": task, "mode": mode, "init": init_name, "metric": metric, "value": r[metric],
-                             "n": effective_n(r), "scores": str(report_dir / f"scores_{mode}.tsv")})
+                             "n": effective_n(r), "scores": str(score_file(report_dir, mode))})
     table = comparison(rows)
     write_json(out / "proof.json", {"pretrained": str(pretrained), "corpus": str(corpus), "steps": steps, "rows": rows, "table": table})
     atomic_write_text(out / "proof.md", markdown(table, steps))

@@ -844,10 +844,13 @@ def generate_utterance(
     if cfg.video:
         bounds = _frame_bounds(n, cfg.fps, sr)
         opening = np.clip(_frame_means(articulation, bounds) * plan.style.jaw, 0.0, 1.0)
-        video = _render_video(
-            np.random.default_rng(video_seed), profile.face, plan.style, opening,
-            _frame_means(rounding, bounds), cfg.image_size, cfg.fps,
-        )
+        frame_rounding = _frame_means(rounding, bounds)
+
+        def render_face(swap_skin: Colour | None = None) -> np.ndarray:  # a fresh stream: same motion and noise
+            return _render_video(np.random.default_rng(video_seed), profile.face, plan.style, opening,
+                                 frame_rounding, cfg.image_size, cfg.fps, swap_skin=swap_skin)
+
+        video = render_face()
 
     if profile.split == "test":
         split = "test"
@@ -874,10 +877,7 @@ def generate_utterance(
             # The source face: another speaker, chosen by utterance so a target gets several.
             source = (speaker_index + 1 + utterance_index % (cfg.num_speakers - 1)) % cfg.num_speakers
             spoof_extra["face_source"] = _speaker_id(source)
-            spoof_video = _render_video(
-                np.random.default_rng(video_seed), profile.face, plan.style, opening,
-                _frame_means(rounding, bounds), cfg.image_size, cfg.fps, swap_skin=_speaker(cfg, source).face.skin,
-            )
+            spoof_video = render_face(_speaker(cfg, source).face.skin)
         spoof_meta = replace(meta, utterance=f"{utt}-{attack}", spoof="spoof", attack=attack, extra=spoof_extra)
         clips.append(Clip(meta=spoof_meta, audio=spoofed, video=spoof_video))
     return clips
