@@ -64,13 +64,19 @@ def release_tag(release: Path) -> str:
 def recipe_tag(recipe: FinetuneRecipe) -> str:
     """A short hash of a resolved proof recipe (overrides included) without its run name and init:
     a linear-probe proof and a full-finetuning proof, or the same proof after a recipe change, get
-    their own runs instead of resuming each other's."""
+    their own runs instead of resuming each other's. The corpus enters by its content (its
+    index.json, which lists every shard's size and count), not by its path, and the storage folder
+    not at all: a moved or re-cloned checkout resumes its proof runs instead of retraining them."""
     import hashlib
     import json
 
     tree = recipe.model_dump(mode="json")
     tree["trainer"].pop("name", None)
+    tree["trainer"].pop("storage_path", None)
     tree["init"].pop("source", None)
+    index = Path(recipe.data.corpus) / "index.json"
+    if index.is_file():
+        tree["data"]["corpus"] = hashlib.sha256(index.read_bytes()).hexdigest()
     return hashlib.sha256(json.dumps(tree, sort_keys=True).encode()).hexdigest()[:6]
 
 

@@ -8,7 +8,9 @@ import pytest
 from avssl import AvsslError
 from avssl.finetune import metrics as M
 from avssl.finetune.evaluate import read_scores, write_scores
-from avssl.finetune.proof import comparison, paired_gain
+from avssl.config import load_config
+from avssl.finetune.proof import REPO_CONFIGS, comparison, paired_gain, recipe_tag
+from avssl.finetune.recipe import FinetuneRecipe
 
 
 def _spoof_raw(scores: np.ndarray, order: np.ndarray | None = None) -> dict:
@@ -71,3 +73,21 @@ def test_paired_gain_of_emotion_predictions_and_mismatched_files(tmp_path):
     (tmp_path / "q" / "scores_av.tsv").write_text("key\tspeaker\tlabel\tprediction\nother\tspk0\tANG\tANG\n")
     with pytest.raises(AvsslError, match="score different samples"):
         paired_gain(tmp_path / "p" / "scores_av.tsv", tmp_path / "q" / "scores_av.tsv")
+
+
+def test_recipe_tag_follows_corpus_content_not_paths(tmp_path):
+    """A moved checkout (corpus and storage elsewhere, same content) resumes its proof runs; a
+    different corpus or a different budget gets runs of its own."""
+    def tag(corpus, storage, *extra):
+        recipe = load_config(FinetuneRecipe, REPO_CONFIGS / "spoof.yaml",
+                             [f"data.corpus={corpus}", f"trainer.storage_path={storage}", "trainer.name=x", *extra])
+        return recipe_tag(recipe)
+
+    for name, index in (("a", "{}"), ("moved", "{}"), ("other", '{"seed": 1}')):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "index.json").write_text(index)
+    base = tag(tmp_path / "a", tmp_path / "runs")
+    assert tag(tmp_path / "moved", tmp_path / "elsewhere") == base
+    assert tag(tmp_path / "a", tmp_path / "runs", "trainer.name=y") == base
+    assert tag(tmp_path / "other", tmp_path / "runs") != base
+    assert tag(tmp_path / "a", tmp_path / "runs", "trainer.total_steps=7") != base
