@@ -64,13 +64,31 @@ def parse_override(item: str) -> tuple[list[str], Any]:
     return path, value
 
 
-def apply_overrides(tree: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
-    """Set each `a.b.c=VALUE` in a nested dict (copying it); intermediate keys are created."""
+def default_section(cls: type[BaseModel], path: list[str]) -> dict[str, Any]:
+    """The default contents of the section at `path` under `cls`, as plain data ({} when the
+    section has no default or `path` names no section): an override of one key of a section the
+    recipe leaves out keeps the section's other defaults."""
+    node: Any = cls
+    value: Any = None
+    for part in path:
+        field = node.model_fields.get(part) if isinstance(node, type) and issubclass(node, BaseModel) else None
+        if field is None:
+            return {}
+        value = field.get_default(call_default_factory=True)
+        node = type(value) if isinstance(value, BaseModel) else field.annotation
+    return value.model_dump(mode="json") if isinstance(value, BaseModel) else {}
+
+
+def apply_overrides(tree: dict[str, Any], overrides: list[str], cls: type[BaseModel] | None = None) -> dict[str, Any]:
+    """Set each `a.b.c=VALUE` in a nested dict (copying it). Missing intermediate sections are
+    created: from their defaults under the root section class `cls` when given, else empty."""
     tree = json.loads(json.dumps(tree))  # deep copy of plain YAML data
     for item in overrides:
         path, value = parse_override(item)
         node = tree
-        for part in path[:-1]:
+        for depth, part in enumerate(path[:-1]):
+            if part not in node and cls is not None:
+                node[part] = default_section(cls, path[: depth + 1])
             child = node.setdefault(part, {})
             if not isinstance(child, dict):
                 raise ConfigError(f"override {item!r}: {'.'.join(path[:-1])} is a value, not a section")
@@ -120,7 +138,7 @@ def load_config(cls: type[S], path: str | Path | None = None, overrides: list[st
     tree = read_yaml(path) if path is not None else {}
     source = str(path) if path is not None else "<defaults>"
     if overrides:
-        tree = apply_overrides(tree, overrides)
+        tree = apply_overrides(tree, overrides, cls)
         source += " with --set " + " ".join(overrides)
     return validate(cls, tree, source)
 

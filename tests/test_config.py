@@ -99,3 +99,23 @@ def test_repo_recipes_validate():
     assert recipes
     for path in recipes:
         load_config(CorpusRecipe, path)
+
+
+def test_override_of_one_key_keeps_the_sections_other_defaults():
+    """`--set masking.reconstruction.video_mode=tube` on a recipe without a masking section
+    changes that key only; before, the created section lacked its required ratios and the whole
+    override was refused."""
+    from avssl.cluster.config import PretrainRecipe
+    from avssl.pretrain.config import MaskingConfig
+
+    recipe = Path(__file__).resolve().parent.parent / "configs" / "pretrain" / "demo.yaml"
+    assert "masking" not in yaml.safe_load(recipe.read_text())
+    cfg = load_config(PretrainRecipe, recipe, ["masking.reconstruction.video_mode=tube", "masking.reconstruction.video_ratios=[0.9]"])
+    default = MaskingConfig()
+    assert cfg.masking.reconstruction.video_mode == "tube" and cfg.masking.reconstruction.video_ratios == [0.9]
+    assert cfg.masking.reconstruction.audio_ratios == default.reconstruction.audio_ratios
+    assert cfg.masking.contrastive == default.contrastive
+    # A key the recipe does set is overridden in place; an unknown section is still an error.
+    assert load_config(PretrainRecipe, recipe, ["optim.warmup_steps=3"]).optim.base_lr == 2.0e-3
+    with pytest.raises(ConfigError, match=r"nope"):
+        load_config(PretrainRecipe, recipe, ["nope.x=1"])
