@@ -20,6 +20,8 @@ Representations, each in modality settings AV / A / V where it has them:
 Usage:
   python benchmarks/probe_features.py --release runs/demo/avssl/release --data data/demo
   python benchmarks/probe_features.py --release R1 --release R2 --data data/demo --no-random --json out.json
+  python benchmarks/probe_features.py --release R --data data/demo --train-speakers 2,4,8   (fewer labels:
+      the classifiers see only K random training speakers' clips, mean over --draws draws)
 """
 
 from __future__ import annotations
@@ -43,13 +45,16 @@ MODES = ("av", "a", "v")
 JOINT_PARTS = ("av.audio", "av.video")  # each modality's tokens pooled from the joint pass
 
 
-def backbone_features(release: Path, corpus: Path, split: str, all_layers: bool) -> tuple[dict[str, np.ndarray], np.ndarray, np.ndarray]:
-    """Pooled frozen features per mode: {mode: [N, P]}, emotion [N], is_spoof [N]."""
+Split = tuple[dict[str, np.ndarray], np.ndarray, np.ndarray, np.ndarray]  # features per mode, emotion, is_spoof, speaker
+
+
+def backbone_features(release: Path, corpus: Path, split: str, all_layers: bool) -> Split:
+    """Pooled frozen features per mode: {mode: [N, P]}, emotion [N], is_spoof [N], speaker [N]."""
     model = AVViTModel.from_pretrained(release).eval()
     features = json.loads((release / "avssl_features.json").read_text())
     loader = eval_loader(corpus, split, features, 32, ["audio", "video"])
     out: dict[str, list[np.ndarray]] = {m: [] for m in (*MODES, *JOINT_PARTS)}
-    emotion, spoof = [], []
+    emotion, spoof, speaker = [], [], []
     with torch.no_grad():
         for batch in loader:
             for mode in MODES:
@@ -68,14 +73,15 @@ def backbone_features(release: Path, corpus: Path, split: str, all_layers: bool)
                     out["av.video"].append(o.video_embeds.numpy())
             emotion.append(batch["emotion"].numpy())
             spoof.append(batch["is_spoof"].numpy())
-    return {m: np.concatenate(v) for m, v in out.items()}, np.concatenate(emotion), np.concatenate(spoof)
+            speaker += [m["speaker"] for m in batch["meta"]]
+    return {m: np.concatenate(v) for m, v in out.items()}, np.concatenate(emotion), np.concatenate(spoof), np.array(speaker)
 
 
-def raw_features(corpus: Path, split: str, features: dict) -> tuple[dict[str, np.ndarray], np.ndarray, np.ndarray]:
+def raw_features(corpus: Path, split: str, features: dict) -> Split:
     """Input statistics without a network: A = fbank [B, T, F] -> mean, std, delta std [B, 3F];
     V = frames [B, V, 3, H, W] -> 8x8 block means, then their mean and std over frames."""
     loader = eval_loader(corpus, split, features, 32, ["audio", "video"])
-    audio_rows, video_rows, emotion, spoof = [], [], [], []
+    audio_rows, video_rows, emotion, spoof, speaker = [], [], [], [], []
     for batch in loader:
         fbank = batch["audio"].float()  # (B, T, F)
         delta = fbank[:, 1:] - fbank[:, :-1]
@@ -85,23 +91,41 @@ def raw_features(corpus: Path, split: str, features: dict) -> tuple[dict[str, np
         video_rows.append(torch.cat([blocks.mean(1), blocks.std(1)], -1).numpy())
         emotion.append(batch["emotion"].numpy())
         spoof.append(batch["is_spoof"].numpy())
-    return {"a": np.concatenate(audio_rows), "v": np.concatenate(video_rows)}, np.concatenate(emotion), np.concatenate(spoof)
+        speaker += [m["speaker"] for m in batch["meta"]]
+    return ({"a": np.concatenate(audio_rows), "v": np.concatenate(video_rows)}, np.concatenate(emotion), np.concatenate(spoof),
+            np.array(speaker))
 
 
-def probe(train, test, c: float) -> dict[str, dict[str, float]]:
+def probe(train: Split, test: Split, c: float) -> dict[str, dict[str, float]]:
     """Logistic regression per mode -> {mode: {"emotion_ua": %, "spoof_eer": %}}."""
-    (x_train, emo_train, spoof_train), (x_test, emo_test, spoof_test) = train, test
+    (x_train, emo_train, spoof_train, _), (x_test, emo_test, spoof_test, _) = train, test
     results = {}
     for mode in x_train:
         scaler = StandardScaler().fit(x_train[mode])
         xtr, xte = scaler.transform(x_train[mode]), scaler.transform(x_test[mode])
         bona_tr, bona_te = spoof_train == 0, spoof_test == 0
-        emo = LogisticRegression(C=c, max_iter=3000).fit(xtr[bona_tr], emo_train[bona_tr])
-        ua = unweighted_accuracy(emo_test[bona_te], emo.predict(xte[bona_te]))
-        cm = LogisticRegression(C=c, max_iter=3000).fit(xtr, spoof_train)
-        bona_score = -cm.decision_function(xte)  # higher = bona fide
-        results[mode] = {"emotion_ua": round(100 * ua, 1), "spoof_eer": round(100 * eer(bona_score, bona_te.astype(int)).eer, 1)}
+        results[mode] = {"emotion_ua": float("nan"), "spoof_eer": float("nan")}  # a subset with one class only
+        if len(np.unique(emo_train[bona_tr])) > 1:
+            emo = LogisticRegression(C=c, max_iter=3000).fit(xtr[bona_tr], emo_train[bona_tr])
+            results[mode]["emotion_ua"] = round(100 * unweighted_accuracy(emo_test[bona_te], emo.predict(xte[bona_te])), 1)
+        if len(np.unique(spoof_train)) > 1:
+            bona_score = -LogisticRegression(C=c, max_iter=3000).fit(xtr, spoof_train).decision_function(xte)  # higher = bona fide
+            results[mode]["spoof_eer"] = round(100 * eer(bona_score, bona_te.astype(int)).eer, 1)
     return results
+
+
+def probe_fewer_speakers(train: Split, test: Split, c: float, k: int, draws: int) -> dict[str, dict[str, float]]:
+    """`probe` trained on the clips of `k` random training speakers, averaged over `draws` draws
+    (seeded: every representation sees the same draws)."""
+    rng = np.random.default_rng(0)
+    speakers = np.unique(train[3])
+    if not 0 < k <= len(speakers):
+        raise SystemExit(f"--train-speakers {k}: the train split has {len(speakers)} speakers")
+    runs = []
+    for _ in range(draws):
+        keep = np.isin(train[3], rng.choice(speakers, k, replace=False))
+        runs.append(probe(({m: x[keep] for m, x in train[0].items()}, train[1][keep], train[2][keep], train[3][keep]), test, c))
+    return {m: {key: round(float(np.nanmean([r[m][key] for r in runs])), 1) for key in runs[0][m]} for m in runs[0]}
 
 
 def main() -> None:
@@ -112,6 +136,8 @@ def main() -> None:
     parser.add_argument("--no-raw", action="store_true", help="skip the raw input statistics")
     parser.add_argument("--layers", choices=("last", "all"), default="last")
     parser.add_argument("--C", type=float, default=0.1, help="inverse L2 strength of the logistic regression")
+    parser.add_argument("--train-speakers", default="", help="comma-separated K: also probe with K training speakers only")
+    parser.add_argument("--draws", type=int, default=5, help="random speaker draws per K (with --train-speakers)")
     parser.add_argument("--json", type=Path, help="also write the results here")
     args = parser.parse_args()
     if not args.release:
@@ -123,15 +149,18 @@ def main() -> None:
         if not args.no_random:
             releases["random"] = random_backbone_release(args.release[0].resolve(), Path(tmp) / "random")
         all_layers = args.layers == "all"
-        for name, release in releases.items():
-            split = {s: backbone_features(release, args.data, s, all_layers) for s in ("train", "test")}
-            results[name] = probe(split["train"], split["test"], args.C)
-            print(f"{name}: {results[name]}", flush=True)
+        splits = {name: {s: backbone_features(release, args.data, s, all_layers) for s in ("train", "test")}
+                  for name, release in releases.items()}
     if not args.no_raw:
         features = json.loads((args.release[0] / "avssl_features.json").read_text())
-        split = {s: raw_features(args.data, s, features) for s in ("train", "test")}
-        results["raw"] = probe(split["train"], split["test"], args.C)
-        print(f"raw: {results['raw']}", flush=True)
+        splits["raw"] = {s: raw_features(args.data, s, features) for s in ("train", "test")}
+    ks = [int(k) for k in args.train_speakers.split(",") if k.strip()]
+    for name, split in splits.items():
+        results[name] = probe(split["train"], split["test"], args.C)
+        print(f"{name}: {results[name]}", flush=True)
+        for k in ks:
+            results[f"{name}, {k} train speakers"] = probe_fewer_speakers(split["train"], split["test"], args.C, k, args.draws)
+            print(f"{name}, {k} train speakers: {results[f'{name}, {k} train speakers']}", flush=True)
 
     print(f"\n| features | emotion UA % (AV / A / V) | spoof EER % (AV / A / V) |\n| --- | --- | --- |")
     for name, r in results.items():

@@ -239,12 +239,13 @@ def test_frozen_feature_probe_script_scores_release_random_twin_and_raw_inputs(w
     release = world["runs"] / "pre" / "avssl" / "release"
     out = tmp_path / "probe.json"
     done = subprocess.run([sys.executable, str(REPO / "benchmarks/probe_features.py"), "--release", str(release),
-                           "--data", str(world["corpus"]), "--layers", "all", "--json", str(out)],
+                           "--data", str(world["corpus"]), "--layers", "all", "--train-speakers", "2", "--draws", "2",
+                           "--json", str(out)],
                           capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-2000:]
     assert "| raw |" in done.stdout and "tokens of the joint pass" in done.stdout
     results = json.loads(out.read_text())["results"]
-    assert set(results) == {str(release), "random", "raw"}
+    assert set(results) == {f"{name}{suffix}" for name in (str(release), "random", "raw") for suffix in ("", ", 2 train speakers")}
     assert set(results["raw"]) == {"a", "v"} and set(results["random"]) == {"av", "a", "v", "av.audio", "av.video"}
     for row in results.values():
         for cell in row.values():
