@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 
 from avssl import AvsslError
+from avssl.config import load_config
 from avssl.finetune import metrics as M
 from avssl.finetune.evaluate import read_scores, write_scores
-from avssl.config import load_config
 from avssl.finetune.proof import REPO_CONFIGS, comparison, paired_gain, recipe_tag
 from avssl.finetune.recipe import FinetuneRecipe
 
