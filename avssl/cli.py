@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Callable
 
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 from rich.text import Text
 
@@ -124,13 +125,14 @@ def cmd_export(args: argparse.Namespace) -> None:
 
 
 def _print_report(report: dict) -> None:
-    from avssl.finetune.evaluate import summary_rows
+    from avssl.finetune.evaluate import summary_table
 
     title = f"{report['task']}{' (zero-shot)' if report.get('zero_shot') else ''} on {report['corpus']} [{report['split']}]"
-    table = Table(title=title)
-    for col in ("modality", "metric", "", ""):
-        table.add_column(col)
-    for row in summary_rows(report):
+    header, rows = summary_table(report)
+    table = Table(title=escape(title))  # '[test]' is the split, not rich markup
+    for col in header:
+        table.add_column(col, justify="left" if col == "modality" else "right")
+    for row in rows:
         table.add_row(*row)
     console.print(table)
 
@@ -232,7 +234,7 @@ def cmd_predict(args: argparse.Namespace) -> None:
     table.add_column("probabilities")
     for r in rows:
         probs = r.get("probabilities") or {"bonafide": r["p_bonafide"]}
-        table.add_row(r["file"], r["label"], " ".join(f"{k}:{v:.2f}" for k, v in probs.items()))
+        table.add_row(escape(r["file"]), r["label"], " ".join(f"{k}:{v:.2f}" for k, v in probs.items()))
     console.print(table)
 
 

@@ -381,18 +381,25 @@ def evaluate(checkpoint: Path, corpus: Path, out: Path, *, task: str | None = No
     return full
 
 
-def summary_rows(report: dict[str, Any]) -> list[tuple[str, ...]]:
-    """(mode, metric, value) rows for the printed table."""
+def summary_table(report: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
+    """Column headers and one row per modality for the printed table: every headline metric of
+    the task under its own header (per-class recall and the confusion matrix stay in the plots)."""
+    results = report["results"]
+    if report["task"] == "emotion":
+        header = ["modality", "UA %", "WA %", "macro-F1 %", "weighted-F1 %", "clips"]
+        rows = [[mode.upper(), *(f"{100 * r[k]:.1f}" for k in ("unweighted_accuracy", "accuracy", "f1_macro", "f1_weighted")),
+                 str(r["n"])] for mode, r in results.items()]
+        return header, rows
+    header = ["modality", "EER %", "minDCF 0.01", "minDCF 0.05"]
+    tdcf = [k for k in ("min_tdcf_2019", "min_tdcf_2021") if any(k in r for r in results.values())]
+    header += [f"min t-DCF {k[-4:]}" for k in tdcf]
+    attacks = sorted({a for r in results.values() for a in r.get("per_attack_eer", {})})
+    header += [f"EER {a} %" for a in attacks]
     rows = []
-    for mode, r in report["results"].items():
-        if report["task"] == "emotion":
-            rows.append((mode.upper(), f"UA {100 * r['unweighted_accuracy']:.1f}%", f"WA {100 * r['accuracy']:.1f}%",
-                         f"macro-F1 {100 * r['f1_macro']:.1f}%"))
-        else:
-            extra = ""
-            if report["task"] == "spoof" and r.get("per_attack_eer"):
-                extra = " ".join(f"{a}:{100 * e:.1f}%" for a, e in r["per_attack_eer"].items())
-            if "min_tdcf_2019" in r:
-                extra = f"t-DCF19 {r['min_tdcf_2019']:.4f} t-DCF21 {r['min_tdcf_2021']:.4f} {extra}".rstrip()
-            rows.append((mode.upper(), f"EER {100 * r['eer']:.2f}%", f"minDCF0.01 {r['min_dcf_0.01']:.3f}", extra))
-    return rows
+    for mode, r in results.items():
+        row = [mode.upper(), f"{100 * r['eer']:.2f}", f"{r['min_dcf_0.01']:.3f}", f"{r['min_dcf_0.05']:.3f}"]
+        row += [f"{r[k]:.4f}" if k in r else "-" for k in tdcf]
+        per_attack = r.get("per_attack_eer", {})
+        row += [f"{100 * per_attack[a]:.1f}" if a in per_attack else "-" for a in attacks]
+        rows.append(row)
+    return header, rows

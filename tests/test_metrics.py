@@ -332,3 +332,25 @@ def test_paired_bootstrap_skips_undefined_resamples_and_refuses_mostly_undefined
         M.paired_bootstrap(only_targets, clusters, resamples=400)
     with pytest.raises(ValueError, match="no samples"):
         M.paired_bootstrap(eer_gap, [], resamples=10)
+
+
+def test_summary_table_names_every_headline_metric_under_its_own_header():
+    """The printed evaluation table: one row per modality, one header per metric (it had blank
+    headers and dropped minDCF 0.05); attacks a mode lacks and t-DCF without ASV scores show '-'."""
+    from avssl.finetune.evaluate import summary_table
+
+    spoof = {"task": "spoof", "results": {
+        "av": {**M.binary_report(SCORES, LABELS), "per_attack_eer": {"A01": 0.25, "A02": 0.5}, "min_tdcf_2019": 0.31},
+        "a": {**M.binary_report(SCORES, LABELS), "per_attack_eer": {"A01": 0.0}},
+    }}
+    header, rows = summary_table(spoof)
+    assert header == ["modality", "EER %", "minDCF 0.01", "minDCF 0.05", "min t-DCF 2019", "EER A01 %", "EER A02 %"]
+    assert rows[0] == ["AV", "25.00", f"{M.min_dcf(SCORES, LABELS, 0.01)[0]:.3f}", f"{M.min_dcf(SCORES, LABELS, 0.05)[0]:.3f}",
+                       "0.3100", "25.0", "50.0"]
+    assert rows[1][0] == "A" and rows[1][4:] == ["-", "0.0", "-"]
+
+    y_true, y_pred = [0, 0, 1, 1, 2, 2], [0, 1, 1, 1, 2, 0]
+    emotion = {"task": "emotion", "results": {"v": {**M.classification_report(y_true, y_pred, ["x", "y", "z"]), "n": 6}}}
+    header, rows = summary_table(emotion)
+    assert header == ["modality", "UA %", "WA %", "macro-F1 %", "weighted-F1 %", "clips"]
+    assert rows == [["V", "66.7", "66.7", f"{100 * M.f1_macro(y_true, y_pred):.1f}", f"{100 * M.f1_weighted(y_true, y_pred):.1f}", "6"]]
