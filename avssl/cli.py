@@ -131,7 +131,7 @@ def _print_report(report: dict) -> None:
     header, rows = summary_table(report)
     table = Table(title=escape(title))  # '[test]' is the split, not rich markup
     for col in header:
-        table.add_column(col, justify="left" if col == "modality" else "right")
+        table.add_column(col, justify="left" if col == "modality" else "right", min_width=len(col) if col == "modality" else None)
     for row in rows:
         table.add_row(*row)
     console.print(table)

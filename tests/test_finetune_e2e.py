@@ -124,8 +124,10 @@ def test_spoof_report_with_asv_scores_gives_both_tdcf_forms(world, tmp_path, cap
     capsys.readouterr()
     assert main(["evaluate", "--checkpoint", str(release), "--task", "spoof", "--data", str(world["corpus"]),
                  "--asv-scores", str(asv), "--out", str(out), "--no-mlflow"]) == 0
-    assert "t-DCF19" in capsys.readouterr().out
+    printed = capsys.readouterr().out
     report = json.loads((out / "report.json").read_text())
+    assert "t-DCF" in printed  # the printed table has both columns, with the report's values
+    assert all(f"{r[k]:.4f}" in printed for r in report["results"].values() for k in ("min_tdcf_2019", "min_tdcf_2021"))
     scores, labels = read_asv_scores(asv)
     assert labels.count("spoof") == 40 and report["asv_scores"] == str(asv)
     for r in report["results"].values():
