@@ -131,7 +131,8 @@ def _print_report(report: dict) -> None:
     header, rows = summary_table(report)
     table = Table(title=escape(title))  # '[test]' is the split, not rich markup
     for col in header:
-        table.add_column(col, justify="left" if col == "modality" else "right", min_width=len(col) if col == "modality" else None)
+        first = col == "modality"
+        table.add_column(col, justify="left" if first else "right", min_width=len(col) if first else None)
     for row in rows:
         table.add_row(*row)
     console.print(table)
