@@ -252,3 +252,40 @@ def test_frozen_feature_probe_script_scores_release_random_twin_and_raw_inputs(w
     for row in results.values():
         for cell in row.values():
             assert 0.0 <= cell["emotion_ua"] <= 100.0 and 0.0 <= cell["spoof_eer"] <= 100.0
+
+
+def test_target_baselines_script_bounds_every_reconstruction_loss(world, tmp_path):
+    """benchmarks/target_baselines.py (the README's reading of the reconstruction losses): a hand case,
+    then a run on a release whose numbers obey what least squares guarantees."""
+    import importlib.util
+    import subprocess
+    import sys
+
+    import torch
+
+    spec = importlib.util.spec_from_file_location("target_baselines", REPO / "benchmarks/target_baselines.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    # One clip, two rows, three time steps, one-pixel patches: row 0 = [1, 1, 1], row 1 = [0, 2, 4].
+    grid = torch.tensor([[[1.0, 1.0, 1.0], [0.0, 2.0, 4.0]]]).unsqueeze(-1)
+    got = module.baselines(grid, (torch.tensor([0]), torch.tensor([1])))
+    assert got == {"zero": round((3 + 0 + 4 + 16) / 6, 4), "time nbr": round((0 + 0 + 4 + 4) / 4, 4),
+                   "row nbr": round((1 + 1 + 9) / 3, 4), "clip mean": round((0 + 0 + 0 + 4 + 0 + 4) / 6, 4)}
+
+    release = world["runs"] / "pre" / "avssl" / "release"
+    out = tmp_path / "targets.json"
+    done = subprocess.run([sys.executable, str(REPO / "benchmarks/target_baselines.py"), "--release", str(release),
+                           "--data", str(world["corpus"]), "--clips", "16", "--json", str(out)],
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "| audio | normalized |" in done.stdout and "| video | raw |" in done.stdout
+    results = json.loads(out.read_text())["results"]
+    assert set(results) == {"audio", "video"} and all(set(forms) == {"normalized", "raw"} for forms in results.values())
+    for modality, forms in results.items():
+        # Per-patch normalized targets have unit (unbiased) variance and zero mean: predicting 0 scores
+        # (P - 1) / P, just under 1, except for flat patches, which normalize to 0.
+        assert 0.5 < forms["normalized"]["zero"] < 1.0, (modality, forms)
+        for form, row in forms.items():
+            # The clip's row mean is the least-squares constant per row, so it never loses to predicting 0.
+            assert 0.0 <= row["clip mean"] <= row["zero"] + 1e-6, (modality, form, row)
+            assert row["time nbr"] >= 0.0 and row["row nbr"] >= 0.0
