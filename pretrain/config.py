@@ -144,6 +144,15 @@ class LossConfig(Section):
     video_reconstruction_weight: Annotated[float, Field(ge=0.0)] = 1.0
     temperature: Annotated[float, Field(gt=0.0, le=1.0)] = 0.05
     learn_temperature: bool = False
+    # Head between the pooled embeddings and the contrastive loss, one per modality, dropped at
+    # release. "none": the loss reads the backbone's pooled embeddings (CAV-MAE, AVSiam). "mlp":
+    # Linear -> BatchNorm -> GELU -> Linear -> BatchNorm without affine (SimCLR, MoCo v3), which
+    # (1) centres the pooled embeddings, whose cosines are 0.97 (audio) and 0.87 (video) between
+    # unrelated clips at initialization, so the contrast trains from the first steps instead of
+    # sitting at chance, and (2) takes the invariances the contrast asks for, so the backbone's own
+    # features keep more of what the contrast does not need (SimCLR, section 4.2).
+    projection: Literal["none", "mlp"] = "none"
+    projection_dim: Annotated[int, Field(ge=8)] = 256
     # Upper bound of the learned 1/temperature (CLIP's 100).
     max_logit_scale: Annotated[float, Field(gt=1.0)] = 100.0
     # Per-patch normalized video targets (MAE's norm_pix_loss).

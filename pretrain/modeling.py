@@ -473,6 +473,9 @@ class AVViTPreTrainedModel(PreTrainedModel):
                 init.trunc_normal_(module.video_cls_token, std=std)
         elif isinstance(module, AVViTDecoder):
             init.normal_(module.mask_token, std=std)
+        elif isinstance(module, ContrastiveProjection):
+            init.ones_(module.norm_weight)
+            init.zeros_(module.norm_bias)
         elif isinstance(module, AVViTForPretraining) and module.objective.learn_temperature:
             init.constant_(module.logit_scale, math.log(1.0 / module.objective.temperature))
 
@@ -732,6 +735,38 @@ class AVViTDecoder(nn.Module):
         return pred_audio, pred_video
 
 
+def masked_batch_norm(x: torch.Tensor, valid: torch.Tensor, eps: float = 1e-5) -> torch.Tensor:
+    """[B, C] -> [B, C] standardized per channel with the mean and (biased) variance of the valid
+    rows [B] bool; every row is mapped, invalid ones with those statistics. Fewer than two valid
+    rows leave x as it is. No running statistics: it serves a training-only head."""
+    n = valid.sum()
+    if int(n) < 2:
+        return x
+    w = valid.to(x.dtype)[:, None]  # (B, 1)
+    mean = (x * w).sum(dim=0) / n  # (C,)
+    var = ((x - mean).pow(2) * w).sum(dim=0) / n  # (C,)
+    return (x - mean) * torch.rsqrt(var + eps)
+
+
+class ContrastiveProjection(nn.Module):
+    """Projection head of the contrastive view (SimCLR, MoCo v3): pooled [B, D] -> [B, P].
+
+    Linear -> batch norm -> GELU -> Linear -> batch norm without affine. Batch statistics come from
+    the rows that hold the modality, on each rank (the negatives' rows on other ranks are normalized
+    by their own rank). Pretraining only: a release keeps the backbone, not this head."""
+
+    def __init__(self, dim: int, proj_dim: int):
+        super().__init__()
+        self.fc1 = nn.Linear(dim, dim)
+        self.norm_weight = nn.Parameter(torch.ones(dim))
+        self.norm_bias = nn.Parameter(torch.zeros(dim))
+        self.fc2 = nn.Linear(dim, proj_dim)
+
+    def forward(self, x: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+        h = masked_batch_norm(self.fc1(x), valid) * self.norm_weight + self.norm_bias  # (B, D)
+        return masked_batch_norm(self.fc2(F.gelu(h)), valid)  # (B, P)
+
+
 @dataclass
 class AVViTForPretrainingOutput(ModelOutput):
     """All scalars are 0-d tensors (no host sync); reduce/log them on log steps only.
@@ -777,6 +812,10 @@ class AVViTForPretraining(AVViTPreTrainedModel):
         self.objective = LossConfig.model_validate(config.pretraining_loss or {})
         self.avvit = AVViTModel(config)
         self.decoder = AVViTDecoder(config)
+        if self.objective.projection == "mlp":
+            dim, proj = config.hidden_size, self.objective.projection_dim
+            self.audio_projection = ContrastiveProjection(dim, proj)
+            self.video_projection = ContrastiveProjection(dim, proj)
         if self.objective.learn_temperature:
             # log(1 / temperature), as CLIP; clamped at max_logit_scale when used.
             self.logit_scale = nn.Parameter(torch.zeros(()))
@@ -824,9 +863,11 @@ class AVViTForPretraining(AVViTPreTrainedModel):
             # Rows lacking the modality are encoded anyway (fixed shapes) and left out of the pairs.
             out.audio_embeds = self.avvit.forward_tokens(audio_tokens=audio_tokens, audio_mask=a_mask).audio_embeds
             out.video_embeds = self.avvit.forward_tokens(video_tokens=video_tokens, video_mask=v_mask).video_embeds
-            con = contrastive_loss(
-                out.audio_embeds, out.video_embeds, has_audio & has_video, self.contrastive_logit_scale(), process_group
-            )
+            pairs = has_audio & has_video  # (B,)
+            a_con, v_con = out.audio_embeds, out.video_embeds
+            if objective.projection == "mlp":
+                a_con, v_con = self.audio_projection(a_con, pairs), self.video_projection(v_con, pairs)  # (B, P)
+            con = contrastive_loss(a_con, v_con, pairs, self.contrastive_logit_scale(), process_group)
             loss_con, accuracy, n_pairs = con.loss, con.accuracy, con.n_pairs
 
         # Reconstruction view: both modalities in one sequence, heavily masked, decoder on all positions.
@@ -901,10 +942,12 @@ __all__ = [
     "AVViTModel",
     "AVViTModelOutput",
     "AVViTPreTrainedModel",
+    "ContrastiveProjection",
     "GridPositionEmbedding",
     "eager_attention_forward",
     "ensure_attention_implementation",
     "key_padding_mask",
+    "masked_batch_norm",
     "resize_position_embedding",
     "sincos_position_embedding",
 ]

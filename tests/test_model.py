@@ -280,8 +280,9 @@ def test_variable_visible_counts_do_not_change_a_sample():
 
 
 def test_pretraining_without_pairs_keeps_every_parameter_in_the_graph():
-    """A batch with no audio-visual pair trains reconstruction, gives contrastive 0 and still reaches every parameter."""
-    model = P.AVViTForPretraining(pretraining_config(loss={"learn_temperature": True}))
+    """A batch with no audio-visual pair trains reconstruction, gives contrastive 0 and still reaches every parameter
+    (the learned temperature and the projection heads included)."""
+    model = P.AVViTForPretraining(pretraining_config(loss={"learn_temperature": True, "projection": "mlp"}))
     audio, video = batch(3)
     has_audio = torch.tensor([True, True, False])
     has_video = torch.tensor([False, False, True])
@@ -295,6 +296,42 @@ def test_pretraining_without_pairs_keeps_every_parameter_in_the_graph():
     # Audio-only run (no video at all): only audio reconstruction, no contrastive view.
     only = model(audio=audio)
     assert only.loss_rec_video.item() == 0.0 and only.audio_embeds is None and torch.isfinite(only.loss)
+
+
+def test_masked_batch_norm_uses_only_valid_rows():
+    """Statistics come from the valid rows alone: those are standardized exactly, and an invalid outlier row changes nothing."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(6, 5, generator=g) * 3.0 + 7.0
+    valid = torch.tensor([True, True, False, True, True, False])
+    x_outlier = x.clone()
+    x_outlier[2] = 1e6
+    y = modeling.masked_batch_norm(x, valid)
+    ref = F.batch_norm(x[valid], None, None, training=True, eps=1e-5)
+    assert torch.allclose(y[valid], ref, atol=1e-5)
+    assert torch.allclose(modeling.masked_batch_norm(x_outlier, valid)[valid], y[valid])
+    one = torch.tensor([True, False, False, False, False, False])
+    assert torch.equal(modeling.masked_batch_norm(x, one), x)  # no statistics from one row
+
+
+def test_projection_head_centres_the_contrastive_view_and_is_not_released(tmp_path):
+    """With projection=mlp the loss reads per-batch standardized projections (pooled cosines near 1 are no longer near 1),
+    every head parameter gets a gradient, and the saved backbone (what a release holds) has no head weights."""
+    torch.manual_seed(0)
+    model = P.AVViTForPretraining(pretraining_config(loss={"contrastive_weight": 1.0, "projection": "mlp", "projection_dim": 16}))
+    audio, video = batch(4)
+    out = model(audio=audio, video=video)
+    out.loss.backward()
+    heads = {n: p for n, p in model.named_parameters() if "projection" in n}
+    assert heads and all(p.grad is not None and p.grad.abs().sum() > 0 for p in heads.values())
+    proj = model.audio_projection(out.audio_embeds.detach(), torch.ones(4, dtype=torch.bool))
+    assert proj.shape == (4, 16) and torch.allclose(proj.mean(0), torch.zeros(16), atol=1e-5)
+    model.avvit.save_pretrained(tmp_path)
+    from safetensors.torch import load_file
+
+    saved = load_file(next(tmp_path.glob("*.safetensors")))
+    assert not [k for k in saved if "projection" in k]
+    with pytest.raises(ConfigError):
+        validate(LossConfig, {"projection": "linear"}, "loss")
 
 
 # ---------------------------------------------------------------- Hugging Face integration

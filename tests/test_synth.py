@@ -323,3 +323,22 @@ def test_faceswap_spoofs_change_only_the_inner_face():
     assert found >= 2
     default = generate_utterance(SynthConfig(**SMALL), 1, 0)
     assert len(default) < 2 or default[1].video is default[0].video
+
+
+def test_expression_scale_moves_the_face_and_leaves_the_voice():
+    """expression_scale moves an emotional face further from its neutral rendering (0) the larger it is, leaves the
+    audio alone, and leaves a neutral clip's frames unchanged."""
+    by_emotion = {}
+    for u in range(SMALL["utterances_per_speaker"]):
+        by_emotion[generate_utterance(SynthConfig(**SMALL), 1, u)[0].meta.emotion] = u
+
+    def render(u: int, scale: float):
+        return generate_utterance(SynthConfig(**{**SMALL, "expression_scale": scale}), 1, u)[0]
+
+    for emotion in ("ANG", "HAP", "SAD"):
+        neutral_face, default, strong = (render(by_emotion[emotion], s) for s in (0.0, 1.0, 2.5))
+        np.testing.assert_array_equal(default.audio, strong.audio)
+        gap = [np.abs(c.video.astype(int) - neutral_face.video.astype(int)).mean() for c in (default, strong)]
+        assert 0 < gap[0] < gap[1], (emotion, gap)
+    neu = by_emotion["NEU"]
+    np.testing.assert_array_equal(render(neu, 1.0).video, render(neu, 2.5).video)
