@@ -180,20 +180,29 @@ def check_corpus(recipe: Any) -> Any:
 
 
 # Sections that fix what a checkpoint holds (parameter shapes, what the features mean): a run
-# resumes only under the same values. Steps, learning rate, data and logging may change.
+# resumes only under the same values. Steps, learning rate, data and logging may change, and so
+# may the loss weights, but not the loss keys that add parameters (a learned temperature, the
+# contrastive projection heads).
 SHAPE_SECTIONS = ("model", "head", "features")
+SHAPE_KEYS = ("loss.learn_temperature", "loss.projection", "loss.projection_dim")
+
+
+def _shape_keys(tree: dict[str, Any]) -> dict[str, Any]:
+    flat = flatten(tree)
+    return {k: v for k, v in flat.items() if k.split(".", 1)[0] in SHAPE_SECTIONS or k in SHAPE_KEYS}
 
 
 def check_resumable(recipe: Any, run_dir: Path) -> None:
     """Refuse to resume a run whose checkpoints were written under a different model, head or
-    feature config: DeepSpeed would fail deep inside the workers after every restart."""
+    feature config, or with other parameter-adding loss keys: DeepSpeed would fail deep inside
+    the workers after every restart."""
     import yaml
 
     saved = run_dir / "avssl" / RUN_CONFIG
     if not saved.is_file() or not any(run_dir.glob("checkpoint_*")):
         return
-    before = flatten({k: v for k, v in (yaml.safe_load(saved.read_text()) or {}).items() if k in SHAPE_SECTIONS})
-    now = flatten({k: v for k, v in recipe.model_dump(mode="json").items() if k in SHAPE_SECTIONS})
+    before = _shape_keys(yaml.safe_load(saved.read_text()) or {})
+    now = _shape_keys(recipe.model_dump(mode="json"))
     changed = sorted(k for k in before.keys() | now.keys() if before.get(k) != now.get(k))
     if changed:
         diff = "; ".join(f"{k}: {before.get(k)!r} -> {now.get(k)!r}" for k in changed[:6])

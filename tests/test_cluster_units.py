@@ -165,3 +165,20 @@ def test_resuming_under_a_different_model_is_refused_by_name(tmp_path):
                                 ["trainer.total_steps=400", "optim.base_lr=0.01"]), run_dir)
     with pytest.raises(AvsslError, match=r"prove-emotion holds checkpoints of a different model \(head.fusion: 'late' -> 'joint'\).*trainer.name"):
         check_resumable(load_config(FinetuneRecipe, REPO / "configs/finetune/emotion.yaml", ["head.fusion=joint"]), run_dir)
+
+
+def test_resuming_pretraining_with_other_projection_heads_is_refused(tmp_path):
+    """Loss weights may change on resume, the loss keys that add parameters (projection heads) may not."""
+    from avssl import AvsslError
+    from avssl.cluster.export import RUN_CONFIG
+    from avssl.cluster.launch import check_resumable
+    from avssl.cluster.config import PretrainRecipe
+    from avssl.config import save_resolved
+
+    demo = REPO / "configs/pretrain/demo.yaml"
+    run_dir = tmp_path / "demo"
+    save_resolved(load_config(PretrainRecipe, demo), run_dir / "avssl" / RUN_CONFIG)
+    (run_dir / "checkpoint_000100").mkdir()
+    check_resumable(load_config(PretrainRecipe, demo, ["loss.contrastive_weight=1.0"]), run_dir)
+    with pytest.raises(AvsslError, match=r"loss.projection: 'none' -> 'mlp'"):
+        check_resumable(load_config(PretrainRecipe, demo, ["loss.projection=mlp"]), run_dir)
