@@ -342,3 +342,17 @@ def test_expression_scale_moves_the_face_and_leaves_the_voice():
         assert 0 < gap[0] < gap[1], (emotion, gap)
     neu = by_emotion["NEU"]
     np.testing.assert_array_equal(render(neu, 1.0).video, render(neu, 2.5).video)
+
+
+def test_prosody_scale_moves_the_voice():
+    """prosody_scale moves the voice further from neutral the larger it is: an angry clip gets louder, a sad one quieter."""
+    by_emotion = {}
+    for u in range(SMALL["utterances_per_speaker"]):
+        by_emotion[generate_utterance(SynthConfig(**SMALL), 1, u)[0].meta.emotion] = u
+
+    def rms(emotion: str, scale: float) -> float:
+        clip = generate_utterance(SynthConfig(**{**SMALL, "prosody_scale": scale}), 1, by_emotion[emotion])[0]
+        return float(np.sqrt(np.mean(clip.audio.astype(np.float64) ** 2)))
+
+    assert rms("ANG", 0.0) < rms("ANG", 1.0) < rms("ANG", 2.0)
+    assert rms("SAD", 0.0) > rms("SAD", 1.0) > rms("SAD", 2.0)

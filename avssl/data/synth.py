@@ -21,7 +21,7 @@ parallel (`generate_utterance`). The generative model:
   [0.5, 1] per clip that interpolates from neutral): F0 level and range, rate, loudness, tremor,
   creak, tilt, breathiness and F1/F2 in the voice; brow height, angle and asymmetry, eye
   openness, mouth curvature, asymmetry, width and jaw opening in the face; `expression_scale`
-  moves the face that many times as far (the voice is not scaled).
+  moves the face and `prosody_scale` the voice that many times as far from neutral.
 - Sync. The mouth opening in video frame t is the mean over that frame's samples of the same
   planned syllable envelope that sets the audio level, so the per-frame audio RMS
   (`audio_envelope`) and the count of mouth-cavity pixels (`mouth_opening`) correlate. Rounded
@@ -108,6 +108,11 @@ class SynthConfig(Section):
         1.0, ge=0.0, le=4.0,
         description="Scales how far each emotion moves the face from neutral (brows, eyes, mouth): 1 is the "
         "default geometry, 2.5 makes expressions visible at 64x64 pixels as clearly as the voice changes.",
+    )
+    prosody_scale: float = Field(
+        1.0, ge=0.0, le=4.0,
+        description="Scales how far each emotion moves the voice from neutral (F0, range, rate, loudness, "
+        "voice quality, formants); 1 is the default.",
     )
     snr_db: float = Field(35.0, ge=0.0, le=80.0, description="Speech-to-noise-floor ratio (+-5 dB per clip).")
 
@@ -344,14 +349,14 @@ _FACE_FIELDS = frozenset(
 )
 
 
-def _resolve_style(emotion: str, intensity: float, expression_scale: float = 1.0) -> _Style:
+def _resolve_style(emotion: str, intensity: float, expression_scale: float = 1.0, prosody_scale: float = 1.0) -> _Style:
     """Interpolate from neutral to the emotion's full style (geometric for multipliers); the face's
     fields move `expression_scale` times as far."""
     full = _EMOTION_STYLES[emotion]
     values = {}
     for f in fields(_Style):
         v = getattr(full, f.name)
-        k = intensity * (expression_scale if f.name in _FACE_FIELDS else 1.0)
+        k = intensity * (expression_scale if f.name in _FACE_FIELDS else prosody_scale)
         values[f.name] = v**k if f.name in _MULTIPLICATIVE else v * k
     return _Style(**values)
 
@@ -445,7 +450,7 @@ _CONTEXT_SECONDS = 0.3
 def _plan(rng: np.random.Generator, voice: Voice, emotion: str, cfg: SynthConfig, n: int) -> _Plan:
     sr = cfg.sample_rate
     intensity = float(rng.uniform(0.5, 1.0))
-    style = _resolve_style(emotion, intensity, cfg.expression_scale)
+    style = _resolve_style(emotion, intensity, cfg.expression_scale, cfg.prosody_scale)
     rate = voice.rate_sps * style.rate_mult
     pitch_spread = voice.f0_range_st * style.range_mult
     offset = round(_CONTEXT_SECONDS * sr)
