@@ -738,14 +738,13 @@ class AVViTDecoder(nn.Module):
 def masked_batch_norm(x: torch.Tensor, valid: torch.Tensor, eps: float = 1e-5) -> torch.Tensor:
     """[B, C] -> [B, C] standardized per channel with the mean and (biased) variance of the valid
     rows [B] bool; every row is mapped, invalid ones with those statistics. Fewer than two valid
-    rows leave x as it is. No running statistics: it serves a training-only head."""
-    n = valid.sum()
-    if int(n) < 2:
-        return x
+    rows leave x as it is (chosen on the device: no host sync in the training step). No running
+    statistics: it serves a training-only head."""
     w = valid.to(x.dtype)[:, None]  # (B, 1)
+    n = w.sum().clamp(min=1.0)
     mean = (x * w).sum(dim=0) / n  # (C,)
     var = ((x - mean).pow(2) * w).sum(dim=0) / n  # (C,)
-    return (x - mean) * torch.rsqrt(var + eps)
+    return torch.where(n >= 2, (x - mean) * torch.rsqrt(var + eps), x)
 
 
 class ContrastiveProjection(nn.Module):

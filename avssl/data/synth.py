@@ -107,7 +107,7 @@ class SynthConfig(Section):
     expression_scale: float = Field(
         1.0, ge=0.0, le=4.0,
         description="Scales how far each emotion moves the face from neutral (brows, eyes, mouth): 1 is the "
-        "default geometry, 2.5 makes expressions visible at 64x64 pixels as clearly as the voice changes.",
+        "default geometry, 2.5 makes the six expressions plain at 64x64 pixels.",
     )
     prosody_scale: float = Field(
         1.0, ge=0.0, le=4.0,
@@ -351,7 +351,7 @@ _FACE_FIELDS = frozenset(
 
 def _resolve_style(emotion: str, intensity: float, expression_scale: float = 1.0, prosody_scale: float = 1.0) -> _Style:
     """Interpolate from neutral to the emotion's full style (geometric for multipliers); the face's
-    fields move `expression_scale` times as far."""
+    fields move `expression_scale` times as far, the voice's `prosody_scale` times."""
     full = _EMOTION_STYLES[emotion]
     values = {}
     for f in fields(_Style):
