@@ -148,9 +148,9 @@ def plot_loss_curves(uri: str, run_id: str, out: Path) -> Path | None:
     client = MlflowClient(uri)
     fig, ax = plt.subplots(figsize=(8, 4.5))
     plotted = False
-    for key in ("loss", "loss_reconstruction", "loss_contrastive"):
+    for key in ("loss", "loss_reconstruction", "loss_contrastive", "loss_segment"):
         hist = sorted({m.step: m.value for m in client.get_metric_history(run_id, key)}.items())
-        if hist:
+        if hist and any(v > 0 for _, v in hist):  # an objective switched off logs 0: no line on a log axis
             ax.plot(*zip(*hist), label=key, marker=".")
             plotted = True
     if not plotted:
@@ -182,14 +182,17 @@ def check_corpus(recipe: Any) -> Any:
 # Sections that fix what a checkpoint holds (parameter shapes, what the features mean): a run
 # resumes only under the same values. Steps, learning rate, data and logging may change, and so
 # may the loss weights, but not the loss keys that add parameters (a learned temperature, the
-# contrastive projection heads).
+# contrastive projection heads, the segment contrast's heads: only whether its weight is above 0).
 SHAPE_SECTIONS = ("model", "head", "features")
 SHAPE_KEYS = ("loss.learn_temperature", "loss.projection", "loss.projection_dim")
 
 
 def _shape_keys(tree: dict[str, Any]) -> dict[str, Any]:
     flat = flatten(tree)
-    return {k: v for k, v in flat.items() if k.split(".", 1)[0] in SHAPE_SECTIONS or k in SHAPE_KEYS}
+    keys = {k: v for k, v in flat.items() if k.split(".", 1)[0] in SHAPE_SECTIONS or k in SHAPE_KEYS}
+    if "loss.segment_weight" in flat:
+        keys["loss.segment_contrast"] = float(flat["loss.segment_weight"] or 0.0) > 0.0
+    return keys
 
 
 def check_resumable(recipe: Any, run_dir: Path) -> None:

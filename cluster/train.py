@@ -127,7 +127,8 @@ class Workload(abc.ABC):
 
 
 class PretrainWorkload(Workload):
-    keys = ("loss", "loss_reconstruction", "loss_rec_audio", "loss_rec_video", "loss_contrastive", "contrastive_accuracy")
+    keys = ("loss", "loss_reconstruction", "loss_rec_audio", "loss_rec_video", "loss_contrastive", "contrastive_accuracy",
+            "loss_segment", "segment_accuracy")
 
     def __init__(self, recipe: PretrainRecipe) -> None:
         self.recipe = recipe

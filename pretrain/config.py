@@ -136,7 +136,8 @@ class MaskingConfig(Section):
 
 
 class LossConfig(Section):
-    """Weights of the objectives: loss = w_rec * (w_a * rec_audio + w_v * rec_video) + w_con * contrastive."""
+    """Weights of the objectives: loss = w_rec * (w_a * rec_audio + w_v * rec_video) + w_con * contrastive
+    + w_seg * segment."""
 
     reconstruction_weight: Annotated[float, Field(ge=0.0)] = 1.0
     contrastive_weight: Annotated[float, Field(ge=0.0)] = 0.01
@@ -165,11 +166,19 @@ class LossConfig(Section):
     # targets, whose level and band shape context does predict (the loss falls from 0.83 to 0.18), at
     # the cost of those speaker cues. README, "The model".
     audio_norm_pix_loss: bool = True
+    # Segment contrast (COLA, BYOL-A: two segments of one clip are a positive pair), per modality:
+    # the first and the second half of a clip in time (audio patch columns, video frames), each
+    # encoded alone and mean-pooled, InfoNCE against the other clips' halves. Only what holds for
+    # the whole clip (speaker, emotion, recording channel, a spoofing artefact) tells two halves of
+    # one clip from two halves of another clip of the same speaker; what changes within it (the
+    # syllables, the head's sway) does not. 0 = off. With `projection: mlp` it has its own heads.
+    segment_weight: Annotated[float, Field(ge=0.0)] = 0.0
+    segment_temperature: Annotated[float, Field(gt=0.0, le=1.0)] = 0.1
 
     @model_validator(mode="after")
     def _something_to_learn(self) -> LossConfig:
-        if self.reconstruction_weight == 0.0 and self.contrastive_weight == 0.0:
-            raise ValueError("reconstruction_weight and contrastive_weight are both 0: nothing to train")
+        if self.reconstruction_weight == 0.0 and self.contrastive_weight == 0.0 and self.segment_weight == 0.0:
+            raise ValueError("reconstruction_weight, contrastive_weight and segment_weight are all 0: nothing to train")
         if self.temperature < 1.0 / self.max_logit_scale:
             raise ValueError(f"temperature {self.temperature} is below 1 / max_logit_scale = {1.0 / self.max_logit_scale}")
         return self

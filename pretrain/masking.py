@@ -177,18 +177,47 @@ def mask_video(
     return random_masking(batch_size, units, num_units, ratios, device=device, generator=generator)
 
 
+def _halves(batch_size: int, time_of_token: torch.Tensor, length_in_time: int, device) -> ModalityMask:
+    """Rows 0..B-1 see the first half of the tokens in time, rows B..2B-1 the second half (an odd
+    length leaves its middle step out, so both halves hold as many tokens)."""
+    half = length_in_time // 2
+    ids = [(time_of_token < half).nonzero().squeeze(1), (time_of_token >= length_in_time - half).nonzero().squeeze(1)]
+    ids_keep = torch.stack(ids).repeat_interleave(batch_size, dim=0).to(device)  # (2B, L')
+    mask = torch.ones(2 * batch_size, time_of_token.numel(), dtype=torch.bool, device=device)  # (2B, L)
+    mask.scatter_(1, ids_keep, False)
+    return ModalityMask(ids_keep=ids_keep, keep_valid=None, mask=mask)
+
+
+def audio_halves(batch_size: int, grid: tuple[int, int], *, device: torch.device | str | None = None) -> ModalityMask:
+    """Two time-disjoint views of every sample's audio patch grid `(nf, nt)`, stacked: [2B, ...]."""
+    time, n_time = audio_mask_units(grid, "time")
+    if n_time < 2:
+        raise ValueError(f"the audio grid {grid} has {n_time} patch column: it cannot be split in time")
+    return _halves(batch_size, time, n_time, device)
+
+
+def video_halves(batch_size: int, grid: tuple[int, int, int], *, device: torch.device | str | None = None) -> ModalityMask:
+    """Two time-disjoint views of every sample's video patch grid `(V, h, w)`, stacked: [2B, ...]."""
+    frames, h, w = grid
+    if frames < 2:
+        raise ValueError(f"the video grid {grid} has {frames} frame: it cannot be split in time")
+    return _halves(batch_size, torch.arange(frames).repeat_interleave(h * w), frames, device)
+
+
 __all__ = [
     "AUDIO_MASK_MODES",
     "AudioMaskMode",
     "ModalityMask",
     "VIDEO_MASK_MODES",
     "VideoMaskMode",
+    "audio_halves",
     "audio_mask_units",
     "mask_audio",
     "mask_video",
     "num_masked",
     "random_masking",
     "ratios_per_sample",
+    "video_halves",
     "video_mask_units",
     "visible_counts",
 ]

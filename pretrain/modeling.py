@@ -42,7 +42,7 @@ from transformers.utils import ModelOutput
 from .config import LossConfig, MaskingConfig
 from .configuration import AVViTConfig
 from .losses import contrastive_loss, masked_patch_loss
-from .masking import ModalityMask, mask_audio, mask_video
+from .masking import ModalityMask, audio_halves, mask_audio, mask_video, video_halves
 
 # Modality segments of a sequence, in order: (("audio", La), ("video", Lv)).
 Segments = tuple[tuple[str, int], ...]
@@ -775,6 +775,8 @@ class AVViTForPretrainingOutput(ModelOutput):
     loss_rec_audio, loss_rec_video: MSE on masked patches of samples having the modality.
     loss_contrastive: symmetric InfoNCE (per-rank scaled: its mean over ranks is the global mean).
     contrastive_accuracy: global top-1 audio<->video retrieval accuracy of the batch.
+    loss_segment: segment contrast (first vs second half of each clip), mean over the modalities run.
+    segment_accuracy: its global top-1 half<->half retrieval accuracy, mean over those modalities.
     temperature: 1 / logit scale in use. n_pairs: global number of audio-visual pairs.
     audio_embeds, video_embeds: [B, D] pooled embeddings of the contrastive view (None if skipped).
     pred_audio, pred_video: [B, L, P] reconstructions; audio_mask, video_mask: [B, L] bool, True =
@@ -787,6 +789,8 @@ class AVViTForPretrainingOutput(ModelOutput):
     loss_rec_video: torch.Tensor | None = None
     loss_contrastive: torch.Tensor | None = None
     contrastive_accuracy: torch.Tensor | None = None
+    loss_segment: torch.Tensor | None = None
+    segment_accuracy: torch.Tensor | None = None
     temperature: torch.Tensor | None = None
     n_pairs: torch.Tensor | None = None
     audio_embeds: torch.Tensor | None = None
@@ -815,6 +819,9 @@ class AVViTForPretraining(AVViTPreTrainedModel):
             dim, proj = config.hidden_size, self.objective.projection_dim
             self.audio_projection = ContrastiveProjection(dim, proj)
             self.video_projection = ContrastiveProjection(dim, proj)
+            if self.objective.segment_weight > 0:
+                self.audio_segment_projection = ContrastiveProjection(dim, proj)
+                self.video_segment_projection = ContrastiveProjection(dim, proj)
         if self.objective.learn_temperature:
             # log(1 / temperature), as CLIP; clamped at max_logit_scale when used.
             self.logit_scale = nn.Parameter(torch.zeros(()))
@@ -869,6 +876,27 @@ class AVViTForPretraining(AVViTPreTrainedModel):
             con = contrastive_loss(a_con, v_con, pairs, self.contrastive_logit_scale(), process_group)
             loss_con, accuracy, n_pairs = con.loss, con.accuracy, con.n_pairs
 
+        # Segment view: each modality alone, its first and second half in time as two samples of one
+        # pass (2B rows), pooled; each half must find its other half among the batch's halves.
+        loss_seg, seg_accuracy = zero, zero
+        if objective.segment_weight > 0:
+            parts = []
+            if audio is not None:
+                mask = audio_halves(batch, audio_grid, device=device)
+                pooled = self.avvit.forward_tokens(audio_tokens=audio_tokens.repeat(2, 1, 1), audio_mask=mask).audio_embeds
+                parts.append((pooled, has_audio, "audio"))  # (2B, D)
+            if video is not None:
+                mask = video_halves(batch, video_grid, device=device)
+                pooled = self.avvit.forward_tokens(video_tokens=video_tokens.repeat(2, 1, 1), video_mask=mask).video_embeds
+                parts.append((pooled, has_video, "video"))
+            for pooled, present, name in parts:
+                if objective.projection == "mlp":
+                    pooled = getattr(self, f"{name}_segment_projection")(pooled, present.repeat(2))
+                first, second = pooled[:batch], pooled[batch:]  # (B, P) each
+                seg = contrastive_loss(first, second, present, 1.0 / objective.segment_temperature, process_group)
+                loss_seg = loss_seg + seg.loss / len(parts)
+                seg_accuracy = seg_accuracy + seg.accuracy / len(parts)
+
         # Reconstruction view: both modalities in one sequence, heavily masked, decoder on all positions.
         loss_rec_audio, loss_rec_video = zero, zero
         if objective.reconstruction_weight > 0:
@@ -911,12 +939,15 @@ class AVViTForPretraining(AVViTPreTrainedModel):
                 out.pred_video, out.video_mask = pred_video, v_mask.mask
 
         loss_rec = objective.audio_reconstruction_weight * loss_rec_audio + objective.video_reconstruction_weight * loss_rec_video
-        out.loss = objective.reconstruction_weight * loss_rec + objective.contrastive_weight * loss_con
+        out.loss = (objective.reconstruction_weight * loss_rec + objective.contrastive_weight * loss_con
+                    + objective.segment_weight * loss_seg)
         out.loss_reconstruction = loss_rec
         out.loss_rec_audio = loss_rec_audio
         out.loss_rec_video = loss_rec_video
         out.loss_contrastive = loss_con
         out.contrastive_accuracy = accuracy
+        out.loss_segment = loss_seg
+        out.segment_accuracy = seg_accuracy
         out.n_pairs = n_pairs
         scale = self.contrastive_logit_scale()
         out.temperature = (1.0 / scale).detach() if torch.is_tensor(scale) else zero + 1.0 / scale

@@ -182,3 +182,6 @@ def test_resuming_pretraining_with_other_projection_heads_is_refused(tmp_path):
     check_resumable(load_config(PretrainRecipe, demo, ["loss.contrastive_weight=1.0"]), run_dir)
     with pytest.raises(AvsslError, match=r"loss.projection: 'none' -> 'mlp'"):
         check_resumable(load_config(PretrainRecipe, demo, ["loss.projection=mlp"]), run_dir)
+    # The segment contrast's heads exist or not by whether its weight is above 0: turning it on is refused.
+    with pytest.raises(AvsslError, match=r"loss.segment_contrast: False -> True"):
+        check_resumable(load_config(PretrainRecipe, demo, ["loss.segment_weight=0.5"]), run_dir)

@@ -17,7 +17,7 @@ from avssl.pretrain.bench import bench_model, layer_flops, pretraining_flops
 from avssl.pretrain.config import LossConfig, MaskingConfig, ModelConfig, avvit_config_from_sections, build_model
 from avssl.pretrain.init_from_vit import load_vit_weights
 from avssl.pretrain.lr_decay import param_groups_lrd
-from avssl.pretrain.masking import ModalityMask, mask_audio, mask_video, num_masked, ratios_per_sample
+from avssl.pretrain.masking import ModalityMask, audio_halves, mask_audio, mask_video, num_masked, ratios_per_sample, video_halves
 
 
 def small_config(**overrides) -> P.AVViTConfig:
@@ -332,6 +332,49 @@ def test_projection_head_centres_the_contrastive_view_and_is_not_released(tmp_pa
     assert not [k for k in saved if "projection" in k]
     with pytest.raises(ConfigError):
         validate(LossConfig, {"projection": "linear"}, "loss")
+
+
+def test_segment_halves_are_disjoint_in_time_and_equal_in_size():
+    """Audio: the first and last floor(nt/2) patch columns of every frequency row (an odd middle column in neither);
+    video: the first and last floor(V/2) frames. Rows 0..B-1 hold the first half, B..2B-1 the second."""
+    m = audio_halves(2, (2, 5))  # tokens f * 5 + t
+    assert m.ids_keep.tolist() == [[0, 1, 5, 6], [0, 1, 5, 6], [3, 4, 8, 9], [3, 4, 8, 9]]
+    assert m.keep_valid is None and torch.equal(m.mask.sum(1), torch.tensor([6, 6, 6, 6]))
+    keep = ~m.mask
+    assert not (keep[0] & keep[2]).any() and torch.equal(keep.gather(1, m.ids_keep), torch.ones(4, 4, dtype=torch.bool))
+    v = video_halves(1, (3, 1, 2))  # frames of 2 tokens
+    assert v.ids_keep.tolist() == [[0, 1], [4, 5]]
+    with pytest.raises(ValueError, match="cannot be split in time"):
+        video_halves(1, (1, 2, 2))
+
+
+def test_segment_contrast_trains_its_own_heads_and_is_not_released(tmp_path):
+    """segment_weight > 0 adds a half-vs-half InfoNCE per modality: finite, in the loss, reaching the backbone and its
+    own projection heads (released without them); a sample lacking a modality is no pair of that modality."""
+    torch.manual_seed(0)
+    model = P.AVViTForPretraining(pretraining_config(loss={"segment_weight": 1.0, "projection": "mlp", "projection_dim": 16}))
+    audio, video = batch(4)
+    has_video = torch.tensor([True, True, True, False])
+    out = model(audio=audio, video=video, has_video=has_video)
+    assert out.loss_segment.item() > 0 and torch.isfinite(out.loss_segment) and 0 <= out.segment_accuracy.item() <= 1
+    expected = out.loss_reconstruction + 0.01 * out.loss_contrastive + out.loss_segment
+    assert torch.allclose(out.loss, expected)
+    out.loss.backward()
+    for name in ("audio_segment_projection", "video_segment_projection"):
+        assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in getattr(model, name).parameters())
+    assert model.avvit.embeddings.audio_patch_embed.weight.grad.abs().sum() > 0
+    model.avvit.save_pretrained(tmp_path)
+    from safetensors.torch import load_file
+
+    assert not [k for k in load_file(next(tmp_path.glob("*.safetensors"))) if "projection" in k]
+    # Off by default: no heads, zero loss; on without a projection head: the pooled embeddings themselves.
+    plain = P.AVViTForPretraining(pretraining_config())
+    assert not hasattr(plain, "audio_segment_projection") and plain(audio=audio, video=video).loss_segment.item() == 0.0
+    bare = P.AVViTForPretraining(pretraining_config(loss={"segment_weight": 0.5, "reconstruction_weight": 0.0, "contrastive_weight": 0.0}))
+    bare_out = bare(audio=audio)  # audio-only run: the audio halves alone
+    assert bare_out.loss_segment.item() > 0 and torch.allclose(bare_out.loss, 0.5 * bare_out.loss_segment)
+    with pytest.raises(ConfigError, match="all 0"):
+        validate(LossConfig, {"reconstruction_weight": 0.0, "contrastive_weight": 0.0}, "loss")
 
 
 # ---------------------------------------------------------------- Hugging Face integration
