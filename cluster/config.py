@@ -101,6 +101,10 @@ class PretrainRecipe(Section):
         for key, got, source, want in pairs:
             if got != want:
                 raise ValueError(f"{key}={got} does not match {source}={want}; set {key}={want}")
+        if self.loss.segment_weight > 0 and "video" in self.data.modalities and m.video_num_frames < 2:
+            raise ValueError(f"loss.segment_weight={self.loss.segment_weight} splits each clip's frames in two halves, "
+                             f"but model.video_num_frames={m.video_num_frames}; set it (and features.num_frames) to 2 or "
+                             "more, or loss.segment_weight=0")
         return self
 
 

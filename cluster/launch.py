@@ -190,8 +190,8 @@ SHAPE_KEYS = ("loss.learn_temperature", "loss.projection", "loss.projection_dim"
 def _shape_keys(tree: dict[str, Any]) -> dict[str, Any]:
     flat = flatten(tree)
     keys = {k: v for k, v in flat.items() if k.split(".", 1)[0] in SHAPE_SECTIONS or k in SHAPE_KEYS}
-    if "loss.segment_weight" in flat:
-        keys["loss.segment_contrast"] = float(flat["loss.segment_weight"] or 0.0) > 0.0
+    if any(k.startswith("loss.") for k in flat):  # a pretraining recipe; saved before the key existed: 0
+        keys["loss.segment_contrast"] = flat.get("loss.segment_weight", 0.0) > 0.0
     return keys
 
 

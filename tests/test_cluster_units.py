@@ -38,6 +38,8 @@ def test_finetune_recipes_validate(path):
 
 def test_mismatched_geometry_names_the_fix():
     """A model whose mel bins differ from the features fails at load time saying which key to set."""
+    from avssl.config import ConfigError
+
     with pytest.raises(ConfigError, match=r"model.audio_num_mel_bins=128 does not match features.num_mel_bins=64"):
         load_config(PretrainRecipe, REPO / "configs/pretrain/tiny.yaml", ["model.audio_num_mel_bins=128"])
 
@@ -185,3 +187,13 @@ def test_resuming_pretraining_with_other_projection_heads_is_refused(tmp_path):
     # The segment contrast's heads exist or not by whether its weight is above 0: turning it on is refused.
     with pytest.raises(AvsslError, match=r"loss.segment_contrast: False -> True"):
         check_resumable(load_config(PretrainRecipe, demo, ["loss.segment_weight=0.5"]), run_dir)
+    # A run saved before loss.segment_weight existed resumes (the key's absence means 0).
+    saved = yaml.safe_load((run_dir / "avssl" / RUN_CONFIG).read_text())
+    del saved["loss"]["segment_weight"]
+    (run_dir / "avssl" / RUN_CONFIG).write_text(yaml.safe_dump(saved))
+    check_resumable(load_config(PretrainRecipe, demo), run_dir)
+    # A video clip of one frame has no halves: refused when the recipe loads, naming the keys.
+    from avssl.config import ConfigError
+
+    with pytest.raises(ConfigError, match=r"loss.segment_weight=0.5 .* model.video_num_frames=1"):
+        load_config(PretrainRecipe, demo, ["loss.segment_weight=0.5", "model.video_num_frames=1", "features.num_frames=1"])
