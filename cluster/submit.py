@@ -8,7 +8,10 @@ job's environment. Token authentication (Ray >= 2.52 enables it on new clusters)
 RAY_AUTH_TOKEN, RAY_AUTH_TOKEN_PATH or pass --token; Ray's client sends it as a bearer token.
 
 A Ray job does not retry by itself: resubmitting the same recipe (same trainer.name and
-storage_path) resumes from its latest checkpoint.
+storage_path) resumes from its latest checkpoint. Submission itself does retry while the head has
+no job agent ready to take the job (a head that has just started, or a busy one answers "No
+available agent to submit job, please try again later"): the job was not created, so asking again
+is safe; after `AGENT_WAIT_S` the error names the address and what to check.
 """
 
 from __future__ import annotations
@@ -26,6 +29,8 @@ EXCLUDES = [
     ".pytest_cache", "benchmarks/results", ".whl", ".gl",
 ]
 TERMINAL = {"SUCCEEDED", "FAILED", "STOPPED"}
+AGENT_WAIT_S = 60.0  # how long `submit` keeps asking a head that has no job agent ready
+_NO_AGENT = "No available agent to submit job"
 
 
 def source_root() -> Path:
@@ -78,12 +83,36 @@ def submit(address: str, command: str, config: Path, overrides: list[str], *, to
     }
     if pip:
         runtime_env["pip"] = list(pip)
-    return client(address, token).submit_job(
-        entrypoint=entrypoint(command, Path(config), overrides, root),
-        runtime_env=runtime_env,
-        submission_id=submission_id,
-        metadata={"avssl.command": command, "avssl.config": str(config)},
+    jobs = client(address, token)
+    return retry_while_no_agent(
+        lambda: jobs.submit_job(
+            entrypoint=entrypoint(command, Path(config), overrides, root),
+            runtime_env=runtime_env,
+            submission_id=submission_id,
+            metadata={"avssl.command": command, "avssl.config": str(config)},
+        ),
+        address,
     )
+
+
+def retry_while_no_agent(call, address: str, *, wait_s: float = AGENT_WAIT_S, poll_s: float = 2.0,
+                         sleep=time.sleep, clock=time.monotonic):
+    """`call()`, asked again every `poll_s` while the head answers that no job agent is ready, up to
+    `wait_s`; any other error goes through at once."""
+    deadline = clock() + wait_s
+    while True:
+        try:
+            return call()
+        except RuntimeError as exc:
+            if _NO_AGENT not in str(exc):
+                raise
+            if clock() >= deadline:
+                raise AvsslError(
+                    f"the Ray head at {address} had no job agent ready for {wait_s:.0f} s. A head that has "
+                    "just started needs a few seconds more; otherwise check `ray status` on the head and its "
+                    "dashboard agent log (/tmp/ray/session_latest/logs/dashboard_agent.log)."
+                ) from None
+            sleep(poll_s)
 
 
 def _recipe_class(command: str):

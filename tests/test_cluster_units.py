@@ -197,3 +197,40 @@ def test_resuming_pretraining_with_other_projection_heads_is_refused(tmp_path):
 
     with pytest.raises(ConfigError, match=r"loss.segment_weight=0.5 .* model.video_num_frames=1"):
         load_config(PretrainRecipe, demo, ["loss.segment_weight=0.5", "model.video_num_frames=1", "features.num_frames=1"])
+
+
+def test_submission_retries_while_the_head_has_no_job_agent_and_then_names_the_address():
+    """Ray's head answers "No available agent" when its job agent is not up yet (fresh or busy
+    head); the job was not created, so `submit` asks again. Any other error goes through at once."""
+    from avssl import AvsslError
+    from avssl.cluster.submit import retry_while_no_agent
+
+    now = [0.0]
+    naps: list[float] = []
+
+    def sleep(s: float) -> None:
+        naps.append(s)
+        now[0] += s
+
+    def flaky(failures: int, message: str):
+        left = [failures]
+
+        def call() -> str:
+            if left[0]:
+                left[0] -= 1
+                raise RuntimeError(f"Request failed with status code 500: {message}")
+            return "raysubmit_1"
+
+        return call
+
+    no_agent = "No available agent to submit job, please try again later."
+    assert retry_while_no_agent(flaky(3, no_agent), "http://head:8265", sleep=sleep, clock=lambda: now[0]) == "raysubmit_1"
+    assert naps == [2.0, 2.0, 2.0]
+
+    with pytest.raises(AvsslError, match=r"http://head:8265 had no job agent ready for 10 s"):
+        retry_while_no_agent(flaky(100, no_agent), "http://head:8265", wait_s=10, sleep=sleep, clock=lambda: now[0])
+
+    naps.clear()
+    with pytest.raises(RuntimeError, match="entrypoint"):
+        retry_while_no_agent(flaky(1, "bad entrypoint"), "http://head:8265", sleep=sleep, clock=lambda: now[0])
+    assert naps == []
