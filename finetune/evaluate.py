@@ -324,6 +324,11 @@ def evaluate(checkpoint: Path, corpus: Path, out: Path, *, task: str | None = No
     from avssl.data.shards import CorpusIndex
 
     checkpoint, corpus, out = Path(checkpoint), Path(corpus), Path(out)
+    if zero_shot and not (checkpoint / "config.json").is_file():
+        raise AvsslError(
+            f"{checkpoint}: not a pretrained release (no config.json). --zero-shot takes a backbone release: "
+            "a pretraining run's runs/NAME/avssl/release, or one written by `avssl export`"
+        )
     out.mkdir(parents=True, exist_ok=True)
     modes = list(modes or MODES)
     index = CorpusIndex.load(corpus)

@@ -40,3 +40,13 @@ def test_missing_corpus_is_a_clear_error(tmp_path, capsys):
     """Inspecting a folder that is not a corpus says how to make one."""
     assert main(["data", "inspect", str(tmp_path)]) == 2
     assert "avssl data synth" in capsys.readouterr().err
+
+
+def test_zero_shot_evaluation_of_a_folder_that_is_no_release_is_a_clear_error(tmp_path, capsys):
+    """A mistyped --checkpoint names the path and what to pass, instead of transformers' hub traceback,
+    and leaves no report folder behind."""
+    missing = tmp_path / "runs" / "demo" / "release"
+    code = main(["evaluate", "--checkpoint", str(missing), "--task", "speaker", "--data", str(tmp_path), "--zero-shot"])
+    err = capsys.readouterr().err.replace("\n", "")
+    assert code == 2 and str(missing) in err and "runs/NAME/avssl/release" in err
+    assert not (tmp_path / "runs").exists()
