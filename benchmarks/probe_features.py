@@ -48,8 +48,17 @@ JOINT_PARTS = ("av.audio", "av.video")  # each modality's tokens pooled from the
 Split = tuple[dict[str, np.ndarray], np.ndarray, np.ndarray, np.ndarray]  # features per mode, emotion, is_spoof, speaker
 
 
-def backbone_features(release: Path, corpus: Path, split: str, all_layers: bool) -> Split:
-    """Pooled frozen features per mode: {mode: [N, P]}, emotion [N], is_spoof [N], speaker [N]."""
+def _token_mean(o, name: str) -> torch.Tensor:
+    """[B, D] mean of a modality's real output tokens, its CLS token included (the heads' mean pooling)."""
+    weight = o[f"{name}_token_mask"].float()[..., None]  # (B, L, 1)
+    return (o[f"{name}_last_hidden_state"] * weight).sum(1) / weight.sum(1).clamp(min=1.0)
+
+
+def backbone_features(release: Path, corpus: Path, split: str, all_layers: bool, pool: str = "embedding") -> Split:
+    """Pooled frozen features per mode: {mode: [N, P]}, emotion [N], is_spoof [N], speaker [N].
+    pool "embedding": the backbone's pooled embeddings (the CLS output when it has CLS tokens);
+    "tokens": the mean of each modality's output tokens, AV the mean of the two (what the heads'
+    mean pooling reads; the same as "embedding" without CLS tokens, up to the AV joint pass)."""
     model = AVViTModel.from_pretrained(release).eval()
     features = json.loads((release / "avssl_features.json").read_text())
     loader = eval_loader(corpus, split, features, 32, ["audio", "video"])
@@ -63,7 +72,11 @@ def backbone_features(release: Path, corpus: Path, split: str, all_layers: bool)
                 video = batch["video"] if mode != "a" else None
                 o = model(audio=audio, video=video, has_audio=has_audio if audio is not None else None,
                           has_video=has_video if video is not None else None, output_hidden_states=all_layers)
-                pooled = {"av": o.fused_embeds, "a": o.audio_embeds, "v": o.video_embeds}[mode]  # (B, D)
+                if pool == "tokens":
+                    names = {"av": ("audio", "video"), "a": ("audio",), "v": ("video",)}[mode]
+                    pooled = torch.stack([_token_mean(o, n) for n in names]).mean(0)  # (B, D)
+                else:
+                    pooled = {"av": o.fused_embeds, "a": o.audio_embeds, "v": o.video_embeds}[mode]  # (B, D)
                 parts = [pooled]
                 if all_layers:
                     parts += [h.mean(1) for h in o.hidden_states] + [h.std(1) for h in o.hidden_states]
@@ -135,6 +148,8 @@ def main() -> None:
     parser.add_argument("--no-random", action="store_true", help="skip the random-init twin of the first release")
     parser.add_argument("--no-raw", action="store_true", help="skip the raw input statistics")
     parser.add_argument("--layers", choices=("last", "all"), default="last")
+    parser.add_argument("--pool", choices=("embedding", "tokens"), default="embedding",
+                        help="pooled embedding (CLS output when the model has one) or the mean of output tokens")
     parser.add_argument("--C", type=float, default=0.1, help="inverse L2 strength of the logistic regression")
     parser.add_argument("--train-speakers", default="", help="comma-separated K: also probe with K training speakers only")
     parser.add_argument("--draws", type=int, default=5, help="random speaker draws per K (with --train-speakers)")
@@ -149,7 +164,7 @@ def main() -> None:
         if not args.no_random:
             releases["random"] = random_backbone_release(args.release[0].resolve(), Path(tmp) / "random")
         all_layers = args.layers == "all"
-        splits = {name: {s: backbone_features(release, args.data, s, all_layers) for s in ("train", "test")}
+        splits = {name: {s: backbone_features(release, args.data, s, all_layers, args.pool) for s in ("train", "test")}
                   for name, release in releases.items()}
     if not args.no_raw:
         features = json.loads((args.release[0] / "avssl_features.json").read_text())

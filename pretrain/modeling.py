@@ -833,6 +833,16 @@ class AVViTForPretraining(AVViTPreTrainedModel):
             return self.logit_scale.exp().clamp(max=self.objective.max_logit_scale)
         return 1.0 / self.objective.temperature
 
+    def _patch_mean(self, out: AVViTModelOutput, name: str) -> torch.Tensor:
+        """[B, D] mean of a modality's real patch outputs, never its CLS token: with `use_cls_token` the
+        CLS output is the pooled embedding (the AV contrast's, the release's) and the segment contrast
+        shapes the patch tokens, so that the clip cues it learns do not crowd identity out of it."""
+        piece, valid = out[f"{name}_last_hidden_state"], out[f"{name}_token_mask"]
+        if self.config.use_cls_token:
+            piece, valid = piece[:, 1:], valid[:, 1:]
+        weight = valid.to(piece.dtype)[..., None]  # (B, L, 1)
+        return (piece * weight).sum(dim=1) / weight.sum(dim=1).clamp(min=1.0)
+
     def forward(
         self,
         audio: torch.Tensor | None = None,
@@ -883,12 +893,12 @@ class AVViTForPretraining(AVViTPreTrainedModel):
             parts = []
             if audio is not None:
                 mask = audio_halves(batch, audio_grid, device=device)
-                pooled = self.avvit.forward_tokens(audio_tokens=audio_tokens.repeat(2, 1, 1), audio_mask=mask).audio_embeds
-                parts.append((pooled, has_audio, "audio"))  # (2B, D)
+                halves = self.avvit.forward_tokens(audio_tokens=audio_tokens.repeat(2, 1, 1), audio_mask=mask)
+                parts.append((self._patch_mean(halves, "audio"), has_audio, "audio"))  # (2B, D)
             if video is not None:
                 mask = video_halves(batch, video_grid, device=device)
-                pooled = self.avvit.forward_tokens(video_tokens=video_tokens.repeat(2, 1, 1), video_mask=mask).video_embeds
-                parts.append((pooled, has_video, "video"))
+                halves = self.avvit.forward_tokens(video_tokens=video_tokens.repeat(2, 1, 1), video_mask=mask)
+                parts.append((self._patch_mean(halves, "video"), has_video, "video"))
             for pooled, present, name in parts:
                 if objective.projection == "mlp":
                     pooled = getattr(self, f"{name}_segment_projection")(pooled, present.repeat(2))

@@ -377,6 +377,24 @@ def test_segment_contrast_trains_its_own_heads_and_is_not_released(tmp_path):
         validate(LossConfig, {"reconstruction_weight": 0.0, "contrastive_weight": 0.0}, "loss")
 
 
+def test_with_cls_tokens_the_segment_contrast_pools_patches_and_the_cls_output_stays_the_embedding():
+    """use_cls_token: the CLS output is the pooled embedding (the AV contrast's and the release's); the segment
+    contrast reads the mean of the real patch outputs, so its clip cues shape the patches, not the embedding."""
+    torch.manual_seed(0)
+    model = P.AVViTForPretraining(pretraining_config(use_cls_token=True, loss={"segment_weight": 1.0})).eval()
+    audio, video = batch(3)
+    with torch.no_grad():
+        out = model.avvit(audio=audio, video=video, has_video=torch.tensor([True, True, False]))
+        for name in ("audio", "video"):
+            piece, valid = out[f"{name}_last_hidden_state"], out[f"{name}_token_mask"]
+            real = valid[:, 1:].float()[..., None]
+            expected = (piece[:, 1:] * real).sum(1) / real.sum(1).clamp(min=1.0)
+            assert torch.allclose(model._patch_mean(out, name), expected, atol=1e-6)
+            assert torch.allclose(out[f"{name}_embeds"], piece[:, 0] * valid[:, :1])  # the CLS output
+        assert model._patch_mean(out, "video")[2].abs().max() == 0  # no video: nothing to pool
+        assert model(audio=audio, video=video).loss_segment.item() > 0
+
+
 # ---------------------------------------------------------------- Hugging Face integration
 
 
