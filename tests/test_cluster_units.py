@@ -178,20 +178,28 @@ def test_resuming_pretraining_with_other_projection_heads_is_refused(tmp_path):
     from avssl.config import save_resolved
 
     demo = REPO / "configs/pretrain/demo.yaml"
+    bare = ["loss.projection=none", "loss.segment_weight=0"]  # a run without any projection head
     run_dir = tmp_path / "demo"
-    save_resolved(load_config(PretrainRecipe, demo), run_dir / "avssl" / RUN_CONFIG)
+    save_resolved(load_config(PretrainRecipe, demo, bare), run_dir / "avssl" / RUN_CONFIG)
     (run_dir / "checkpoint_000100").mkdir()
-    check_resumable(load_config(PretrainRecipe, demo, ["loss.contrastive_weight=1.0"]), run_dir)
+    check_resumable(load_config(PretrainRecipe, demo, [*bare, "loss.contrastive_weight=0.5"]), run_dir)
     with pytest.raises(AvsslError, match=r"loss.projection: 'none' -> 'mlp'"):
-        check_resumable(load_config(PretrainRecipe, demo, ["loss.projection=mlp"]), run_dir)
+        check_resumable(load_config(PretrainRecipe, demo, [*bare, "loss.projection=mlp"]), run_dir)
     # The segment contrast's heads exist or not by whether its weight is above 0: turning it on is refused.
     with pytest.raises(AvsslError, match=r"loss.segment_contrast: False -> True"):
-        check_resumable(load_config(PretrainRecipe, demo, ["loss.segment_weight=0.5"]), run_dir)
+        check_resumable(load_config(PretrainRecipe, demo, [*bare, "loss.segment_weight=0.5"]), run_dir)
     # A run saved before loss.segment_weight existed resumes (the key's absence means 0).
     saved = yaml.safe_load((run_dir / "avssl" / RUN_CONFIG).read_text())
     del saved["loss"]["segment_weight"]
     (run_dir / "avssl" / RUN_CONFIG).write_text(yaml.safe_dump(saved))
-    check_resumable(load_config(PretrainRecipe, demo), run_dir)
+    check_resumable(load_config(PretrainRecipe, demo, bare), run_dir)
+    # The demo recipe (both contrasts with heads) resumes itself and changes its weights freely.
+    demo_dir = tmp_path / "demo_heads"
+    save_resolved(load_config(PretrainRecipe, demo), demo_dir / "avssl" / RUN_CONFIG)
+    (demo_dir / "checkpoint_000100").mkdir()
+    check_resumable(load_config(PretrainRecipe, demo, ["loss.segment_weight=0.5"]), demo_dir)
+    with pytest.raises(AvsslError, match=r"loss.segment_contrast: True -> False"):
+        check_resumable(load_config(PretrainRecipe, demo, ["loss.segment_weight=0"]), demo_dir)
     # A video clip of one frame has no halves: refused when the recipe loads, naming the keys.
     from avssl.config import ConfigError
 
