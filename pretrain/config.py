@@ -172,6 +172,8 @@ class LossConfig(Section):
     # the whole clip (speaker, emotion, recording channel, a spoofing artefact) tells two halves of
     # one clip from two halves of another clip of the same speaker; what changes within it (the
     # syllables, the head's sway) does not. 0 = off. With `projection: mlp` it has its own heads.
+    # The halves are pooled as the mean of their patch outputs, never a CLS output: with
+    # `model.use_cls_token` the CLS output stays the AV contrast's (and the release's) embedding.
     segment_weight: Annotated[float, Field(ge=0.0)] = 0.0
     segment_temperature: Annotated[float, Field(gt=0.0, le=1.0)] = 0.1
 
