@@ -39,19 +39,13 @@ from sklearn.preprocessing import StandardScaler
 from avssl.finetune.evaluate import eval_loader, mode_flags
 from avssl.finetune.metrics import eer, unweighted_accuracy
 from avssl.finetune.proof import random_backbone_release
-from avssl.pretrain.modeling import AVViTModel
+from avssl.pretrain.modeling import AVViTModel, masked_mean
 
 MODES = ("av", "a", "v")
 JOINT_PARTS = ("av.audio", "av.video")  # each modality's tokens pooled from the joint pass
 
 
 Split = tuple[dict[str, np.ndarray], np.ndarray, np.ndarray, np.ndarray]  # features per mode, emotion, is_spoof, speaker
-
-
-def _token_mean(o, name: str) -> torch.Tensor:
-    """[B, D] mean of a modality's real output tokens, its CLS token included (the heads' mean pooling)."""
-    weight = o[f"{name}_token_mask"].float()[..., None]  # (B, L, 1)
-    return (o[f"{name}_last_hidden_state"] * weight).sum(1) / weight.sum(1).clamp(min=1.0)
 
 
 def backbone_features(release: Path, corpus: Path, split: str, all_layers: bool, pool: str = "embedding") -> Split:
@@ -74,7 +68,9 @@ def backbone_features(release: Path, corpus: Path, split: str, all_layers: bool,
                           has_video=has_video if video is not None else None, output_hidden_states=all_layers)
                 if pool == "tokens":
                     names = {"av": ("audio", "video"), "a": ("audio",), "v": ("video",)}[mode]
-                    pooled = torch.stack([_token_mean(o, n) for n in names]).mean(0)  # (B, D)
+                    # the heads' mean pooling: every real output token, the CLS one included
+                    means = [masked_mean(o[f"{n}_last_hidden_state"], o[f"{n}_token_mask"]) for n in names]
+                    pooled = torch.stack(means).mean(0)  # (B, D)
                 else:
                     pooled = {"av": o.fused_embeds, "a": o.audio_embeds, "v": o.video_embeds}[mode]  # (B, D)
                 parts = [pooled]

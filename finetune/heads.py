@@ -44,6 +44,7 @@ from torch import nn
 
 from avssl.config import ConfigError
 from avssl.pretrain.lr_decay import param_groups_lrd
+from avssl.pretrain.modeling import masked_mean
 from avssl.pretrain.modeling import AVViTModel
 
 from .config import HeadConfig
@@ -67,8 +68,7 @@ class MeanPooling(nn.Module):
         self.out_dim = dim
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        weight = mask.to(x.dtype)[..., None]  # (B, N, 1)
-        return (x * weight).sum(dim=1) / weight.sum(dim=1).clamp(min=1.0)
+        return masked_mean(x, mask)
 
 
 class AttentiveStatsPooling(nn.Module):

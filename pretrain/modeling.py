@@ -637,8 +637,7 @@ class AVViTModel(AVViTPreTrainedModel):
         """[B, L, D] segment, [B, L] real tokens -> [B, D] (CLS output or mean of real tokens; 0 if none)."""
         if self.config.use_cls_token:
             return piece[:, 0] * valid[:, :1].to(piece.dtype)
-        weight = valid.to(piece.dtype)[..., None]  # (B, L, 1)
-        return (piece * weight).sum(dim=1) / weight.sum(dim=1).clamp(min=1.0)
+        return masked_mean(piece, valid)
 
     # ---- convenience features API ----
 
@@ -840,8 +839,7 @@ class AVViTForPretraining(AVViTPreTrainedModel):
         piece, valid = out[f"{name}_last_hidden_state"], out[f"{name}_token_mask"]
         if self.config.use_cls_token:
             piece, valid = piece[:, 1:], valid[:, 1:]
-        weight = valid.to(piece.dtype)[..., None]  # (B, L, 1)
-        return (piece * weight).sum(dim=1) / weight.sum(dim=1).clamp(min=1.0)
+        return masked_mean(piece, valid)
 
     def forward(
         self,
@@ -964,6 +962,12 @@ class AVViTForPretraining(AVViTPreTrainedModel):
         return out
 
 
+def masked_mean(tokens: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    """[B, L, D] tokens, [B, L] bool (True = real) -> [B, D] mean of the real tokens; 0 for a row without any."""
+    weight = valid.to(tokens.dtype)[..., None]  # (B, L, 1)
+    return (tokens * weight).sum(dim=1) / weight.sum(dim=1).clamp(min=1.0)
+
+
 def _presence(flags: torch.Tensor | None, inputs: torch.Tensor | None, batch: int, device) -> torch.Tensor:
     """[B] bool presence: given flags, all True when the input is given without flags, all False without input."""
     if inputs is None:
@@ -988,6 +992,7 @@ __all__ = [
     "ensure_attention_implementation",
     "key_padding_mask",
     "masked_batch_norm",
+    "masked_mean",
     "resize_position_embedding",
     "sincos_position_embedding",
 ]
