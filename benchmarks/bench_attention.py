@@ -179,6 +179,11 @@ def build_provider(name: str, case: dict):
     if name == "flex":
         from torch.nn.attention.flex_attention import create_block_mask, flex_attention
 
+        import torch._functorch.config as functorch_config
+
+        # The "bwd" mode replays backward on a retained graph, which compiled backwards with
+        # donated buffers refuse (seen on an H200: "compiled with non-empty donated buffers").
+        functorch_config.donated_buffer = False
         compiled = torch.compile(flex_attention, dynamic=False)
         device = case["q"].device
         if kind == "dense":
@@ -359,6 +364,9 @@ def parse_args(argv):
     p.add_argument("--dtype", default="bf16", choices=sorted(DTYPES))
     p.add_argument("--tokens", type=int, default=32768,
                    help="B * N per case, so that B x H fills the GPU at every length")
+    p.add_argument("--prewarm-workers", type=int, default=min(8, max(0, (os.cpu_count() or 1) - 1)),
+                   help="processes that compile the kernel's autotuning candidates in parallel "
+                        "before the sweep (0: compile while tuning, one at a time)")
     return p.parse_args(argv)
 
 
@@ -372,6 +380,17 @@ def _raise_recompile_limits() -> None:
                         ("accumulated_cache_size_limit", 4096)):
         if hasattr(torch._dynamo.config, name):
             setattr(torch._dynamo.config, name, max(getattr(torch._dynamo.config, name), value))
+
+
+def _prewarm_plan(plan: list[tuple], dtype_name: str) -> None:
+    """Run our kernel's forward and backward once per case (compiles what autotuning will try;
+    see triton_prewarm.py)."""
+    for kind, batch, heads, n, d in plan:
+        case = make_case(kind, batch, heads, n, d, DTYPES[dtype_name], "cuda")
+        q, k, v = (case[name].detach().requires_grad_() for name in ("q", "k", "v"))
+        build_provider("triton", case)(q, k, v).backward(case["do"])
+        del case, q, k, v
+        torch.cuda.empty_cache()
 
 
 def heads_for(d: int) -> int:
@@ -400,17 +419,22 @@ def main(argv: list[str] | None = None) -> int:
                 for d in args.head_dims for n in args.lengths for kind in args.cases]
         providers, modes = args.providers, args.modes
 
-    rows: list[dict] = []
-    for kind, batch, heads, n, d in plan:
-        case = make_case(kind, batch, heads, n, d, dtype, device)
-        rows += run_case(case, providers, modes, args.smoke)
-        del case
-        if device == "cuda":
-            torch.cuda.empty_cache()
+    if device == "cuda" and "triton" in providers and args.prewarm_workers > 0:
+        sys.path.insert(0, str(Path(__file__).resolve().parent))
+        from triton_prewarm import prewarm
+
+        seconds = prewarm(_prewarm_plan, (plan, args.dtype), args.prewarm_workers)
+        print(f"prewarm: compiled the autotuning candidates in {seconds:.1f} s "
+              f"({args.prewarm_workers} processes)", flush=True)
 
     import triton
 
     name = device_name()
+    out = args.out
+    if out is None:
+        slug = re.sub(r"[^A-Za-z0-9]+", "_", name).strip("_") + ("_smoke" if args.smoke else "")
+        out = Path(__file__).resolve().parent / "results" / f"attention_{slug}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
     record = {
         "device": name,
         "torch": torch.__version__,
@@ -425,14 +449,21 @@ def main(argv: list[str] | None = None) -> int:
             "bwd": "2.5 * fwd",
             "fwd+bwd": "3.5 * fwd",
         },
-        "results": rows,
+        "results": [],
     }
-    out = args.out
-    if out is None:
-        slug = re.sub(r"[^A-Za-z0-9]+", "_", name).strip("_") + ("_smoke" if args.smoke else "")
-        out = Path(__file__).resolve().parent / "results" / f"attention_{slug}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(record, indent=1, default=str))
+    rows: list[dict] = record["results"]
+    for i, (kind, batch, heads, n, d) in enumerate(plan, 1):
+        start = time.perf_counter()
+        case = make_case(kind, batch, heads, n, d, dtype, device)
+        rows += run_case(case, providers, modes, args.smoke)
+        del case
+        if device == "cuda":
+            torch.cuda.empty_cache()
+        # Written after every case, so a sweep cut short by a time limit keeps what it measured.
+        out.write_text(json.dumps(record, indent=1, default=str))
+        print(f"[{i}/{len(plan)}] {kind} N={n} D={d} B={batch} H={heads}: "
+              f"{time.perf_counter() - start:.1f} s", flush=True)
+
     print_table(rows)
     print(f"\nwrote {out}")
     # Other providers may legitimately skip a case; the script fails only if ours does.

@@ -575,6 +575,15 @@ def _pruner(kind: str):
 _AUTOTUNE_KEY = ["N_BUCKET", "HEAD_DIM", "HAS_MASK", "IS_VARLEN"]
 
 
+def _tuning_bench(kernel_call, quantiles):
+    """Time one config while autotuning: median over ~25 ms after 5 ms of warm-up. Triton's
+    default (25 + 100 ms) costs seconds per kernel and length bucket on first use, and a
+    median over tens of launches of a sub-millisecond kernel is already stable."""
+    from triton.testing import do_bench
+
+    return do_bench(kernel_call, warmup=5, rep=25, quantiles=quantiles)
+
+
 def _make_autotuned(kind: str, do_bench=None):
     """Wrap a kernel in triton.autotune with its configs, key and pruner."""
     fn, configs = {
@@ -585,7 +594,7 @@ def _make_autotuned(kind: str, do_bench=None):
     # Every kernel writes all of its outputs without reading them, so re-running a config
     # while tuning needs no reset (no reset_to_zero / restore_value).
     return triton.autotune(
-        configs=configs, key=_AUTOTUNE_KEY, do_bench=do_bench,
+        configs=configs, key=_AUTOTUNE_KEY, do_bench=do_bench or _tuning_bench,
         prune_configs_by={"early_config_prune": _pruner(kind)},
     )(fn)
 
@@ -609,11 +618,23 @@ def _launch(kind: str, fn, grid_rows: int, heads: int, batch: int, args: dict, *
     """Launch `fn` over (row blocks, heads, batch), autotuned or with a fixed tile set."""
     if autotune:
         row_key = "BLOCK_N" if kind == "dkdv" else "BLOCK_M"
-
-        def grid(meta):
-            return (triton.cdiv(grid_rows, meta[row_key]), heads, batch)
-
-        _autotuned(kind)[grid](**args)
+        tuner = _autotuned(kind)
+        # Triton's Autotuner.run rebuilds its key from all ~35 arguments on every call: on an
+        # H200 that was a fifth of the host time of a small forward + backward (1363 vs 1102 us
+        # per call with fixed tiles, benchmarks/results/attention_overhead_h200.json), and
+        # the base pretraining step is host-bound. So the first launch of each key tunes
+        # through it, and later ones launch the chosen config directly. This key is the
+        # autotuner's own: its key arguments, plus the tensors' dtypes, which all follow q's
+        # (a mask or cu_seqlens is implied by HAS_MASK / IS_VARLEN).
+        chosen = tuner.__dict__.setdefault("avssl_chosen", {})
+        key = (args["N_BUCKET"], head_dim, args["HAS_MASK"], args["IS_VARLEN"], dtype)
+        config = chosen.get(key)
+        if config is None:
+            tuner[lambda meta: (triton.cdiv(grid_rows, meta[row_key]), heads, batch)](**args)
+            chosen[key] = tuner.best_config
+            return
+        grid = (triton.cdiv(grid_rows, config.kwargs[row_key]), heads, batch)
+        fn[grid](**args, **config.all_kwargs())
         return
     tiles = INTERPRETER_TILES[kind] if _INTERPRETED else _fixed_gpu_tiles(kind, head_dim, dtype)
     rows_per_program = tiles.block_n if kind == "dkdv" else tiles.block_m

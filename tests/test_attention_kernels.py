@@ -474,6 +474,47 @@ def test_autotuned_launch_path_runs(monkeypatch):
     )
     assert len(ran) >= 3, "the autotuner should have benchmarked configs of all three kernels"
 
+    # Later calls with the same key launch the chosen configs directly, not through the tuner.
+    def tuner_called_again(*args, **kwargs):
+        raise AssertionError("a tuned key went through Autotuner.run again")
+
+    for tuner in tuned.values():
+        monkeypatch.setattr(tuner, "run", tuner_called_again)
+    _check_against_reference(
+        lambda a, b, c: flash_attention(a, b, c, key_padding_mask=mask),
+        lambda a, b, c, up: attention_reference(a, b, c, key_padding_mask=mask, upcast=up),
+        q, k, v, do,
+    )
+
+
+def test_prewarm_workers_split_the_autotuning_candidates_without_gaps(monkeypatch):
+    """benchmarks/triton_prewarm.py: the workers' shares of each kernel's surviving candidates
+    are disjoint and cover them all, so together they compile exactly what autotuning tries."""
+    from pathlib import Path
+
+    bench_dir = Path(__file__).resolve().parent.parent / "benchmarks"
+    monkeypatch.syspath_prepend(str(bench_dir))
+    import triton_prewarm
+
+    q = torch.empty(1, 1, 1, 64, dtype=torch.bfloat16)
+    named_args = {"Q": q, "BLOCK_D": 64, "N_BUCKET": 1024}
+    workers = 3
+    for kind in triton_prewarm.KERNELS:
+        full = fa_module._make_autotuned(kind)
+        survivors = full.early_config_prune(full.configs, named_args)
+        assert len(survivors) > workers, "the split is only tested if every worker gets some"
+        shares = []
+        for index in range(workers):
+            tuned = {k: fa_module._make_autotuned(k) for k in triton_prewarm.KERNELS}
+            monkeypatch.setattr(fa_module, "_autotuned", tuned.__getitem__)
+            triton_prewarm._restrict_candidates(index, workers)
+            shares.append(tuned[kind].early_config_prune(tuned[kind].configs, named_args))
+        flat = [(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages)
+                for share in shares for c in share]
+        expected = [(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages)
+                    for c in survivors]
+        assert sorted(flat) == sorted(expected) and len(set(flat)) == len(flat), (kind, flat)
+
 
 _AOT_SCRIPT = r"""
 import os, sys
