@@ -32,8 +32,10 @@ Algorithm (Dao, "FlashAttention-2", 2023)
 
 Tiles
 - on a GPU each kernel is autotuned, keyed on (sequence-length bucket = next power of two of
-  the longest sequence, head dim, mask / varlen flags, dtypes). `autotune=False` or the
-  environment variable AVSSL_ATTN_AUTOTUNE=0 uses one fixed, conservative tile set instead.
+  the longest sequence, head dim, mask / varlen flags, dtypes); each candidate is timed for
+  25 ms, and a key's later launches use the chosen tiles without going through the tuner.
+  `autotune=False` or the environment variable AVSSL_ATTN_AUTOTUNE=0 uses one fixed,
+  conservative tile set instead.
 - under the Triton interpreter (TRITON_INTERPRET=1, CPU tensors) a fixed tile set
   (`INTERPRETER_TILES`) is always used: the interpreter's cost is per operation, so large
   tiles with few loop iterations are fastest.
@@ -45,9 +47,13 @@ Known limits
   in SDPA: their output is finite but meaningless, so losses must ignore them.
 - key blocks that are entirely padding are still visited (masked, not skipped); the packed
   form avoids that cost altogether.
-- the GPU path is compile-checked for sm_90 (tests/test_attention_kernels.py runs ptxas) and
-  numerically checked through the interpreter; speed is measured by
-  benchmarks/bench_attention.py. Not tried under torch.compile.
+- the GPU path is compile-checked for sm_90 on every CI run (tests/test_attention_kernels.py
+  runs ptxas), numerically checked through the interpreter, and the same tests passed on an
+  H200 (session 12, benchmarks/results/kernel_tests_h200.log); speed is measured by
+  benchmarks/bench_attention.py (README, "Triton attention"). Not tried under torch.compile.
+- host time: a forward + backward cost 2.3-2.8x SDPA's host time per call on an H200 (Triton's
+  launches take ~35 arguments each), which shows when the GPU work per call is small (short
+  sequences, small batches); tuned keys skip Triton's Autotuner.run (see `_launch`).
 - the packed form checks cu_seqlens values (first 0, last total, non-decreasing, longest
   <= max_seqlen) with one host synchronisation per call.
 - interpreter only: `_triton_compat.patch_interpreter_index` makes Triton 3.6's interpreter
