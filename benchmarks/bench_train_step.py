@@ -32,41 +32,33 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from avssl.pretrain.bench import pretraining_flops  # noqa: E402
-from avssl.pretrain.config import LossConfig, MaskingConfig, ModelConfig, build_model  # noqa: E402
+from avssl.pretrain.bench import bench_setup, pretraining_flops  # noqa: E402
+from avssl.pretrain.config import LossConfig, MaskingConfig  # noqa: E402
 
 
 def make_step(arch: str, attn: str, batch: int, audio_frames: int, video_frames: int,
               image_size: int, device: str = "cuda"):
-    """(model, step function, inputs) for one attention implementation; same seed for all."""
-    cfg = ModelConfig(arch=arch, attn_implementation=attn, audio_num_frames=audio_frames,
-                      video_num_frames=video_frames, video_image_size=image_size)
-    masking, loss = MaskingConfig(), LossConfig()
-    torch.manual_seed(0)
-    model = build_model(cfg, masking, loss).to(device).train()
+    """(model, step function) for one attention implementation; the same seed and batch for all."""
+    model, inputs = bench_setup(arch, attn, batch, audio_frames, video_frames, image_size,
+                                torch.device(device))
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
-    gen = torch.Generator().manual_seed(0)
-    config = model.config
-    audio = torch.randn(batch, audio_frames, config.audio_num_mel_bins, generator=gen).to(device)
-    video = torch.randn(batch, video_frames, 3, image_size, image_size, generator=gen).to(device)
-    has = torch.ones(batch, dtype=torch.bool, device=device)
 
     def step() -> torch.Tensor:
         with torch.autocast("cuda", dtype=torch.bfloat16):
-            out = model(audio=audio, video=video, has_audio=has, has_video=has)
+            out = model(**inputs)
         opt.zero_grad(set_to_none=True)
         out.loss.backward()
         opt.step()
         return out.loss.detach()
 
-    return model, step, (masking, loss)
+    return model, step
 
 
 def _prewarm_step(arch, batch, audio_frames, video_frames, image_size) -> None:
     """One Triton step (compiles what autotuning will try; see triton_prewarm.py). The batch
     size only sets the kernels' grids, not their compiled specialisation, so 8 workers run a
     smaller batch each (kept a multiple of the 5 contrastive ratios: same sequence lengths)."""
-    _, step, _ = make_step(arch, "triton", min(batch, 10), audio_frames, video_frames, image_size)
+    _, step = make_step(arch, "triton", min(batch, 10), audio_frames, video_frames, image_size)
     step()
     torch.cuda.synchronize()
 
@@ -106,11 +98,7 @@ def profile_step(step, steps: int = 3, top: int = 25) -> tuple[list[dict], str]:
     ranked = sorted(events, key=device_us, reverse=True)[:top]
     rows = [{"op": e.key, "self_cuda_ms_per_step": device_us(e) / 1e3 / steps,
              "share": device_us(e) / total, "calls_per_step": e.count / steps} for e in ranked]
-    sort_key = "self_cuda_time_total"
-    try:
-        table = events.table(sort_by="self_device_time_total", row_limit=top)
-    except Exception:  # noqa: BLE001 - older names
-        table = events.table(sort_by=sort_key, row_limit=top)
+    table = events.table(sort_by="self_device_time_total", row_limit=top)
     return rows, table
 
 
@@ -143,10 +131,10 @@ def main(argv: list[str] | None = None) -> int:
     rows, texts = [], []
     for attn in args.attn:
         t0 = time.perf_counter()
-        model, step, (masking, loss) = make_step(*shape[:1], attn, *shape[1:])
+        model, step = make_step(*shape[:1], attn, *shape[1:])
         ms, losses = time_steps(step, args.steps, args.warmup)
         config = model.config
-        flops = pretraining_flops(config, masking, loss, args.batch_size, args.audio_frames,
+        flops = pretraining_flops(config, MaskingConfig(), LossConfig(), args.batch_size, args.audio_frames,
                                   args.video_frames, args.image_size)
         tokens = config.num_audio_patches(args.audio_frames) \
             + args.video_frames * math.prod(config.video_grid(args.image_size))
@@ -155,8 +143,7 @@ def main(argv: list[str] | None = None) -> int:
                "tflop_per_s": flops["total_fwd_bwd"] * args.batch_size / (ms * 1e-3) / 1e12,
                "gflop_per_sample_fwd_bwd": flops["total_fwd_bwd"] / 1e9,
                "first_losses": losses, "peak_mem_mib": torch.cuda.max_memory_allocated() / 2**20,
-               "setup_and_warmup_s": None}
-        row["setup_and_warmup_s"] = time.perf_counter() - t0 - ms * args.steps / 1e3
+               "setup_and_warmup_s": time.perf_counter() - t0 - ms * args.steps / 1e3}
         if args.profile:
             row["profile_top"], table = profile_step(step)
             texts.append(f"== {attn} ==\n{table}")

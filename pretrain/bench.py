@@ -77,6 +77,35 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+def bench_setup(
+    arch: str,
+    attn: str,
+    batch_size: int,
+    audio_frames: int,
+    video_frames: int,
+    image_size: int,
+    device: torch.device,
+    seed: int = 0,
+) -> tuple[torch.nn.Module, dict[str, torch.Tensor]]:
+    """The benchmarked model (default masking and losses, seed `seed`, train mode, on `device`) and
+    one random batch for it: audio [B, T, F], video [B, V, 3, H, W], has_audio / has_video [B]."""
+    model_cfg = ModelConfig(
+        arch=arch,
+        attn_implementation=attn,
+        audio_num_frames=audio_frames,
+        video_num_frames=video_frames,
+        video_image_size=image_size,
+    )
+    torch.manual_seed(seed)
+    model = build_model(model_cfg, MaskingConfig(), LossConfig()).to(device).train()
+    gen = torch.Generator().manual_seed(seed)
+    mel_bins = model.config.audio_num_mel_bins
+    audio = torch.randn(batch_size, audio_frames, mel_bins, generator=gen).to(device)
+    video = torch.randn(batch_size, video_frames, 3, image_size, image_size, generator=gen).to(device)
+    has = torch.ones(batch_size, dtype=torch.bool, device=device)
+    return model, {"audio": audio, "video": video, "has_audio": has, "has_video": has}
+
+
 def bench_model(
     archs: Sequence[str] = ("avvit_tiny_patch16", "avvit_base_patch16"),
     attn: Sequence[str] = ("eager", "sdpa"),
@@ -98,24 +127,12 @@ def bench_model(
     rows: list[dict[str, Any]] = []
     for arch in archs:
         for impl in attn:
-            model_cfg = ModelConfig(
-                arch=arch,
-                attn_implementation=impl,
-                audio_num_frames=audio_frames,
-                video_num_frames=video_frames,
-                video_image_size=image_size,
-            )
-            torch.manual_seed(seed)
-            model = build_model(model_cfg, masking, loss).to(dev).train()
+            model, inputs = bench_setup(arch, impl, batch_size, audio_frames, video_frames, image_size, dev, seed)
             config = model.config
-            gen = torch.Generator().manual_seed(seed)
-            audio = torch.randn(batch_size, audio_frames, config.audio_num_mel_bins, generator=gen).to(dev)
-            video = torch.randn(batch_size, video_frames, 3, image_size, image_size, generator=gen).to(dev)
-            has = torch.ones(batch_size, dtype=torch.bool, device=dev)
 
             def step() -> None:
                 with torch.autocast(dev.type, dtype=dtype, enabled=dtype is not None):
-                    out = model(audio=audio, video=video, has_audio=has, has_video=has)
+                    out = model(**inputs)
                 out.loss.backward()
                 model.zero_grad(set_to_none=True)
 
