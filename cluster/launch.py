@@ -204,7 +204,12 @@ def check_resumable(recipe: Any, run_dir: Path) -> None:
     saved = run_dir / "avssl" / RUN_CONFIG
     if not saved.is_file() or not any(run_dir.glob("checkpoint_*")):
         return
-    before = _shape_keys(yaml.safe_load(saved.read_text()) or {})
+    tree = yaml.safe_load(saved.read_text()) or {}
+    try:  # a recipe saved before a key existed gets the key's default, as it ran (no false refusal)
+        tree = type(recipe).model_validate(tree).model_dump(mode="json")
+    except ValueError:  # not loadable any more (a key since removed): compare what it holds
+        pass
+    before = _shape_keys(tree)
     now = _shape_keys(recipe.model_dump(mode="json"))
     changed = sorted(k for k in before.keys() | now.keys() if before.get(k) != now.get(k))
     if changed:

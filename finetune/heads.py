@@ -11,7 +11,9 @@ Modes. A mode is the input a prediction is made from: "av" (both modalities), "a
 - fusion "late": each modality is encoded alone and has its own pooling and head; "av" averages,
   over the modalities a sample has, the log-probabilities (classification) or the scaled cosine
   logits (speaker, with the margin during training). The fused speaker embedding is the normalized
-  mean of the unit embeddings of the present modalities.
+  mean of the unit embeddings of the present modalities. With `late_weights: learned` the mean is
+  weighted by softmax(one logit per modality), renormalized over the present modalities; the
+  logits are trained by the AV loss term.
 - fusion "dca": each modality is encoded alone; `DCAFusion` (gated dynamic cross-attention) runs on
   the token sequences of the present modalities, each output is pooled by its modality's pooling and
   the pooled features are averaged over the modalities a sample has. "a" / "v" run the same head on
@@ -343,15 +345,21 @@ class _ModeResult:
     cosine: torch.Tensor | None = None
 
 
-def _present_mean(values: Sequence[torch.Tensor], presents: Sequence[torch.Tensor]) -> torch.Tensor:
-    """Mean over the entries each sample has: values [B, ...], presents [B] bool -> [B, ...]."""
+def _present_mean(
+    values: Sequence[torch.Tensor], presents: Sequence[torch.Tensor], weights: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Mean over the entries each sample has: values [B, ...], presents [B] bool -> [B, ...].
+    weights [len(values)] (positive): a weighted mean, renormalized over each sample's entries."""
     total = torch.zeros_like(values[0])
     count = torch.zeros(values[0].shape[0], device=values[0].device, dtype=values[0].dtype)
-    for value, present in zip(values, presents, strict=True):
+    for i, (value, present) in enumerate(zip(values, presents, strict=True)):
         p = present.to(value.dtype)
+        if weights is not None:
+            p = p * weights[i].to(value.dtype)
         total = total + value * p.view(-1, *([1] * (value.ndim - 1)))
         count = count + p
-    return total / count.clamp(min=1.0).view(-1, *([1] * (values[0].ndim - 1)))
+    # A sample with no entry has total 0: any positive floor keeps it 0 (not 1: weights are below 1).
+    return total / count.clamp(min=1e-12).view(-1, *([1] * (values[0].ndim - 1)))
 
 
 class TaskModel(nn.Module):
@@ -388,10 +396,12 @@ class TaskModel(nn.Module):
 
         branches = ("audio", "video") if cfg.fusion in ("late", "dca") else ("shared",)
         self.pools = nn.ModuleDict({b: build_pooling(cfg.pooling, dim, cfg.asp_bottleneck) for b in branches})
-        pooled_dim = next(iter(self.pools.values())).out_dim
+        pooled_dim = next(iter(self.pools.values())).out_dim + (dim if cfg.concat_embedding else 0)
         self.dca = DCAFusion(dim, cfg.dca_temperature) if cfg.fusion == "dca" else None
         head_branches = ("audio", "video") if cfg.fusion == "late" else ("shared",)
         self.heads = nn.ModuleDict({b: self._build_head(pooled_dim) for b in head_branches})
+        # Late fusion's modality weights: logits of (audio, video); softmax -> weights (zeros = equal).
+        self.late_logits = nn.Parameter(torch.zeros(2)) if cfg.late_weights == "learned" else None
         self.norms = nn.ModuleDict(
             {m: MaskedBatchNorm(pooled_dim) for m in MODES} if cfg.feature_norm == "batchnorm" else {}
         )
@@ -439,16 +449,20 @@ class TaskModel(nn.Module):
     def param_groups(self, weight_decay: float) -> list[dict[str, Any]]:
         """Optimizer groups, each with `params`, `weight_decay`, `lr_scale`: the backbone's layer-decayed
         groups (`param_groups_lrd`, none when frozen), then the head's (matrices decayed, vectors not)
-        at `head_lr_scale`. Every trainable parameter appears exactly once."""
+        at `head_lr_scale`, then the late-fusion logits (if learned) at `head_lr_scale *
+        late_weights_lr_scale`. Every trainable parameter appears exactly once."""
         groups = [] if self.cfg.freeze_backbone else param_groups_lrd(self.backbone, weight_decay, self.cfg.layer_decay)
         decay, no_decay = [], []
         for name, param in self.named_parameters():
-            if name.startswith("backbone.") or not param.requires_grad:
+            if name.startswith("backbone.") or not param.requires_grad or param is self.late_logits:
                 continue
             (decay if param.ndim >= 2 else no_decay).append(param)
         for params, wd in ((decay, weight_decay), (no_decay, 0.0)):
             if params:
                 groups.append({"params": params, "weight_decay": wd, "lr_scale": self.cfg.head_lr_scale})
+        if self.late_logits is not None:
+            scale = self.cfg.head_lr_scale * self.cfg.late_weights_lr_scale
+            groups.append({"params": [self.late_logits], "weight_decay": 0.0, "lr_scale": scale})
         return groups
 
     # ---- inputs ----
@@ -519,8 +533,20 @@ class TaskModel(nn.Module):
         present = has_audio | has_video if mode == "av" else inputs[modalities[0]][1]
         available = [m for m in modalities if inputs[m][0] is not None]
         pool_dim = next(iter(self.pools.values())).out_dim
+        if self.cfg.concat_embedding:
+            pool_dim += self.backbone.config.hidden_size
         if not available:
             return ref.new_zeros(ref.shape[0], pool_dim, dtype=torch.float32), present
+
+        def pool(branch: str, tokens: torch.Tensor, mask: torch.Tensor, embedding=None) -> torch.Tensor:
+            """The branch's pooling of one token sequence, with the backbone's embedding appended
+            (`concat_embedding`; computed from the sequence when not given)."""
+            pooled = self.pools[branch](tokens, mask)
+            if not self.cfg.concat_embedding:
+                return pooled
+            if embedding is None:
+                embedding = self.backbone.pool_segment(tokens, mask)
+            return torch.cat([pooled, embedding.to(pooled.dtype)], dim=-1)
 
         if self.cfg.fusion == "joint":
             if mode == "av":
@@ -530,18 +556,18 @@ class TaskModel(nn.Module):
                     has_video=has_video if video is not None else None,
                 )
                 mask = torch.cat([out[f"{m}_token_mask"] for m in available], dim=1)  # (B, N)
-                return self.pools["shared"](out.last_hidden_state, mask), present
+                return pool("shared", out.last_hidden_state, mask, out.fused_embeds), present
             tokens, mask = encode_alone(available[0])
-            return self.pools["shared"](tokens, mask), present
+            return pool("shared", tokens, mask), present
 
         encoded = {m: encode_alone(m) for m in available}
         if self.cfg.fusion == "late":
             (m,) = available
             tokens, mask = encoded[m]
-            return self.pools[m](tokens, mask), present
+            return pool(m, tokens, mask), present
         # dca
         fused = self.dca({m: t for m, (t, _) in encoded.items()}, {m: k for m, (_, k) in encoded.items()})
-        pooled = [self.pools[m](fused.tokens[m], encoded[m][1]) for m in available]
+        pooled = [pool(m, fused.tokens[m], encoded[m][1]) for m in available]
         return _present_mean(pooled, [inputs[m][1] for m in available]), present
 
     def _head(self, mode: str) -> nn.Module:
@@ -574,17 +600,23 @@ class TaskModel(nn.Module):
                 results[mode] = _ModeResult(features, present, features, head(features))
         return results
 
+    def late_weights(self) -> torch.Tensor | None:
+        """Late fusion's (audio, video) weights, summing to 1; None = equal (the plain mean)."""
+        return None if self.late_logits is None else torch.softmax(self.late_logits.float(), dim=0)
+
     def _late_fusion(self, a: _ModeResult, v: _ModeResult) -> _ModeResult:
-        """Mean over present modalities: log-probs (classification); cosine logits, unit embeddings (speaker)."""
+        """(Weighted) mean over present modalities: log-probs (classification); cosine logits, unit
+        embeddings (speaker)."""
         presents = [a.present, v.present]
         present = a.present | v.present
+        weights = self.late_weights()
         features = _present_mean([a.features, v.features], presents)
         if self.cfg.task == "speaker":
             units = [F.normalize(r.embedding.float(), dim=-1) for r in (a, v)]
-            embedding = F.normalize(_present_mean(units, presents), dim=-1)
-            return _ModeResult(features, present, embedding, _present_mean([a.logits, v.logits], presents))
+            embedding = F.normalize(_present_mean(units, presents, weights), dim=-1)
+            return _ModeResult(features, present, embedding, _present_mean([a.logits, v.logits], presents, weights))
         log_probs = [F.log_softmax(r.logits.float(), dim=-1) for r in (a, v)]
-        return _ModeResult(features, present, features, _present_mean(log_probs, presents))
+        return _ModeResult(features, present, features, _present_mean(log_probs, presents, weights))
 
     def _loss_logits(self, mode: str, results: dict[str, _ModeResult], targets: torch.Tensor) -> torch.Tensor:
         """The logits the loss of `mode` is taken on (speaker: with the AAM margin on the target)."""
@@ -592,7 +624,7 @@ class TaskModel(nn.Module):
             return results[mode].logits
         if self.cfg.fusion == "late" and mode == "av":
             parts = [self._loss_logits(m, results, targets) for m in ("a", "v")]
-            return _present_mean(parts, [results["a"].present, results["v"].present])
+            return _present_mean(parts, [results["a"].present, results["v"].present], self.late_weights())
         return self._head(mode).aam.margin_logits(results[mode].cosine, targets)
 
     def _resolve_mode(self, mode: str) -> str:

@@ -118,6 +118,8 @@ class FinetuneWorkload(Workload):
         self.index = {name: i for i, name in enumerate(labels)}
         self.label_map = LabelMap(recipe.labels) if recipe.head.task == "emotion" else None
         self._targets: torch.Tensor | None = None
+        if recipe.head.late_weights == "learned":  # logged: how far the AV prediction leans on video
+            self.keys = (*self.keys, "late_weight_video")
 
     @classmethod
     def from_config(cls, config: dict[str, Any]) -> "FinetuneWorkload":
@@ -140,7 +142,8 @@ class FinetuneWorkload(Workload):
             labelled = self._targets >= 0
             hits = (out.logits.argmax(-1) == self._targets) & labelled
             accuracy = hits.sum().float() / labelled.sum().clamp(min=1)
-        return [out.loss, accuracy]
+        weights = self._model.late_weights()
+        return [out.loss, accuracy] + ([weights[1].detach()] if weights is not None else [])
 
     def tokens(self, model: torch.nn.Module, batch: dict[str, Any]) -> int:
         return tokens_per_sample(model.backbone.config, batch)

@@ -606,7 +606,7 @@ class AVViTModel(AVViTPreTrainedModel):
         n_present = torch.zeros(batch, 1, device=device, dtype=hidden.dtype)
         pieces = hidden.split([length for _, length in segments], dim=1)
         for (name, _), piece, valid in zip(segments, pieces, valids, strict=True):
-            pooled = self._pool(piece, valid)  # (B, D)
+            pooled = self.pool_segment(piece, valid)  # (B, D)
             present = valid.any(dim=1, keepdim=True).to(hidden.dtype)  # (B, 1)
             pooled_sum = pooled_sum + pooled * present
             n_present = n_present + present
@@ -633,7 +633,7 @@ class AVViTModel(AVViTPreTrainedModel):
             visible = torch.where(valid[..., None], visible, torch.zeros((), dtype=visible.dtype, device=visible.device))
         return visible, valid
 
-    def _pool(self, piece: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    def pool_segment(self, piece: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
         """[B, L, D] segment, [B, L] real tokens -> [B, D] (CLS output or mean of real tokens; 0 if none)."""
         if self.config.use_cls_token:
             return piece[:, 0] * valid[:, :1].to(piece.dtype)

@@ -167,6 +167,15 @@ def test_resuming_under_a_different_model_is_refused_by_name(tmp_path):
                                 ["trainer.total_steps=400", "optim.base_lr=0.01"]), run_dir)
     with pytest.raises(AvsslError, match=r"prove-emotion holds checkpoints of a different model \(head.fusion: 'late' -> 'joint'\).*trainer.name"):
         check_resumable(load_config(FinetuneRecipe, REPO / "configs/finetune/emotion.yaml", ["head.fusion=joint"]), run_dir)
+    # A recipe saved before a head key existed (here late_weights, concat_embedding) ran with its
+    # default: it resumes under the default and is refused under another value.
+    saved = run_dir / "avssl" / RUN_CONFIG
+    tree = yaml.safe_load(saved.read_text())
+    del tree["head"]["late_weights"], tree["head"]["concat_embedding"]
+    saved.write_text(yaml.safe_dump(tree))
+    check_resumable(load_config(FinetuneRecipe, REPO / "configs/finetune/emotion.yaml"), run_dir)
+    with pytest.raises(AvsslError, match=r"head.late_weights: 'equal' -> 'learned'"):
+        check_resumable(load_config(FinetuneRecipe, REPO / "configs/finetune/emotion.yaml", ["head.late_weights=learned"]), run_dir)
 
 
 def test_resuming_pretraining_with_other_projection_heads_is_refused(tmp_path):

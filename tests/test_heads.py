@@ -94,6 +94,7 @@ def test_head_config_task_defaults_and_cross_field_checks(backbone):
         dict(task="emotion", pooling="max"),
         dict(task="emotion", modality_dropout=1.5),
         dict(task="emotion", unknown_key=1),
+        dict(task="emotion", fusion="joint", late_weights="learned"),
     ]
     for kwargs in bad:
         with pytest.raises(ValidationError):
@@ -335,6 +336,81 @@ def test_modality_dropout_never_drops_both_and_is_off_in_eval(backbone):
         la, lv = (F.log_softmax(out.per_modality[m], -1) for m in ("a", "v"))
         single = torch.isclose(out.logits, la, atol=1e-6).all(-1) ^ torch.isclose(out.logits, lv, atol=1e-6).all(-1)
         assert single.all() if training else not single.any()
+
+
+def test_concat_embedding_appends_the_backbones_cls_output_to_the_pooled_features():
+    """concat_embedding: features = [pooling of the tokens, the backbone's pooled embedding] (the
+    CLS output with CLS tokens; the joint pass's fused embedding in joint AV); the head widens by D."""
+    torch.manual_seed(0)
+    model_cfg = ModelConfig(arch="avvit_tiny_patch16", audio_num_mel_bins=MELS, audio_num_frames=FRAMES,
+                            video_image_size=SIZE, video_num_frames=VFRAMES, use_cls_token=True)
+    cls_backbone = build_model(model_cfg, MaskingConfig(), LossConfig()).avvit.eval()
+    dim = cls_backbone.config.hidden_size
+    audio, video = batch(3)
+    with torch.no_grad():
+        alone = cls_backbone(audio=audio)
+        joint = cls_backbone(audio=audio, video=video)
+    assert torch.allclose(alone.audio_embeds, alone.audio_last_hidden_state[:, 0])  # the CLS output
+    for fusion, pooling in (("late", "asp"), ("joint", "mean"), ("dca", "mean")):
+        model = TaskModel(copy.deepcopy(cls_backbone), head("emotion", fusion=fusion, pooling=pooling,
+                                                            concat_embedding=True, feature_norm="none")).eval()
+        branch = "shared" if fusion == "joint" else "audio"
+        head_in = model.heads["shared" if fusion != "late" else "audio"].classifier.in_features
+        assert head_in == model.pools[branch].out_dim + dim
+        if fusion == "dca":
+            continue  # DCA pools its own fused tokens; the width check above is what differs
+        with torch.no_grad():
+            got_a = model.embed(audio, video, mode="a")
+            pooled = model.pools[branch](alone.audio_last_hidden_state, alone.audio_token_mask)
+            assert torch.allclose(got_a, F.normalize(torch.cat([pooled, alone.audio_embeds], -1), dim=-1), atol=1e-5)
+            if fusion == "joint":
+                mask = torch.cat([joint.audio_token_mask, joint.video_token_mask], 1)
+                pooled = model.pools["shared"](joint.last_hidden_state, mask)
+                expected = F.normalize(torch.cat([pooled, joint.fused_embeds], -1), dim=-1)
+                assert torch.allclose(model.embed(audio, video, mode="av"), expected, atol=1e-5)
+
+
+def test_learned_late_weights_are_a_renormalized_weighted_mean_trained_by_the_av_loss(backbone):
+    """late_weights=learned: AV = softmax(logits)-weighted mean over present modalities (zeros = the
+    plain mean), for log-probs, speaker cosine logits and embeddings; the AV loss moves the weights
+    towards the modality that predicts the labels better."""
+    audio, video = batch(4)
+    has_audio, has_video = flags(1, 1, 0, 1), flags(1, 0, 1, 1)
+    for task in ("emotion", "speaker"):
+        equal = TaskModel(copy.deepcopy(backbone), head(task, fusion="late")).eval()
+        learned = TaskModel(copy.deepcopy(backbone), head(task, fusion="late", late_weights="learned")).eval()
+        learned.load_state_dict(equal.state_dict(), strict=False)
+        assert learned.late_weights().tolist() == [0.5, 0.5]
+        assert torch.allclose(learned(audio, video, has_audio, has_video).logits, equal(audio, video, has_audio, has_video).logits)
+        with torch.no_grad():
+            learned.late_logits.copy_(torch.tensor([0.0, math.log(3.0)]))  # weights 1/4, 3/4
+        out = learned(audio, video, has_audio, has_video)
+        if task == "emotion":
+            la, lv = (F.log_softmax(out.per_modality[m], -1) for m in ("a", "v"))
+        else:
+            head_a, head_v = learned.heads["audio"], learned.heads["video"]
+            la = head_a.aam.scale * head_a.aam.cosine(learned.embed(audio, video, has_audio, has_video, mode="a"))
+            lv = head_v.aam.scale * head_v.aam.cosine(learned.embed(audio, video, has_audio, has_video, mode="v"))
+            fused = F.normalize(0.25 * out.per_modality["a"] + 0.75 * out.per_modality["v"], dim=-1)
+            assert torch.allclose(out.embeddings[[0, 3]], fused[[0, 3]], atol=1e-5)
+        assert torch.allclose(out.logits[[0, 3]], (0.25 * la + 0.75 * lv)[[0, 3]], atol=1e-4)
+        assert torch.allclose(out.logits[1], la[1], atol=1e-5) and torch.allclose(out.logits[2], lv[2], atol=1e-5)
+    # Trained on labels only video can predict (audio is noise), the weight moves to video.
+    torch.manual_seed(0)
+    model = TaskModel(copy.deepcopy(backbone), head("emotion", fusion="late", late_weights="learned", co_learning=False, freeze_backbone=True))
+    opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=0.05)
+    (group,) = [g for g in model.param_groups(0.0) if any(p is model.late_logits for p in g["params"])]
+    assert group["lr_scale"] == 100.0 and group["weight_decay"] == 0.0 and len(group["params"]) == 1
+    labels = torch.arange(8) % 6
+    g = torch.Generator().manual_seed(1)
+    video = torch.randn(6, VFRAMES, 3, SIZE, SIZE, generator=g)[labels]  # one fixed clip per class
+    for _ in range(30):
+        audio = torch.randn(8, FRAMES, MELS, generator=g)
+        loss = model.train()(audio, video, labels=labels).loss
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert model.late_weights()[1] > 0.6
 
 
 @pytest.mark.parametrize("fusion", ["joint", "late", "dca"])
