@@ -396,7 +396,8 @@ class TaskModel(nn.Module):
 
         branches = ("audio", "video") if cfg.fusion in ("late", "dca") else ("shared",)
         self.pools = nn.ModuleDict({b: build_pooling(cfg.pooling, dim, cfg.asp_bottleneck) for b in branches})
-        pooled_dim = next(iter(self.pools.values())).out_dim + (dim if cfg.concat_embedding else 0)
+        # Width of the features a head reads: the pooling's, plus D with concat_embedding.
+        self.pooled_dim = pooled_dim = next(iter(self.pools.values())).out_dim + (dim if cfg.concat_embedding else 0)
         self.dca = DCAFusion(dim, cfg.dca_temperature) if cfg.fusion == "dca" else None
         head_branches = ("audio", "video") if cfg.fusion == "late" else ("shared",)
         self.heads = nn.ModuleDict({b: self._build_head(pooled_dim) for b in head_branches})
@@ -532,11 +533,8 @@ class TaskModel(nn.Module):
         modalities = ("audio", "video") if mode == "av" else (MODALITY_OF_MODE[mode],)
         present = has_audio | has_video if mode == "av" else inputs[modalities[0]][1]
         available = [m for m in modalities if inputs[m][0] is not None]
-        pool_dim = next(iter(self.pools.values())).out_dim
-        if self.cfg.concat_embedding:
-            pool_dim += self.backbone.config.hidden_size
         if not available:
-            return ref.new_zeros(ref.shape[0], pool_dim, dtype=torch.float32), present
+            return ref.new_zeros(ref.shape[0], self.pooled_dim, dtype=torch.float32), present
 
         def pool(branch: str, tokens: torch.Tensor, mask: torch.Tensor, embedding=None) -> torch.Tensor:
             """The branch's pooling of one token sequence, with the backbone's embedding appended

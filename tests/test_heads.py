@@ -357,6 +357,10 @@ def test_concat_embedding_appends_the_backbones_cls_output_to_the_pooled_feature
         branch = "shared" if fusion == "joint" else "audio"
         head_in = model.heads["shared" if fusion != "late" else "audio"].classifier.in_features
         assert head_in == model.pools[branch].out_dim + dim
+        # A batch without video: the video path gives zero features of the widened size.
+        with torch.no_grad():
+            no_video = model(audio, None)
+        assert all(torch.isfinite(t).all() for t in (no_video.logits, *no_video.per_modality.values()))
         if fusion == "dca":
             continue  # DCA pools its own fused tokens; the width check above is what differs
         with torch.no_grad():
