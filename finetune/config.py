@@ -62,6 +62,12 @@ class HeadConfig(Section):
     # most and the weights cannot leave 0.44-0.56 (measured: 0.55 for video); x100 lets them settle
     # within a short finetuning run.
     late_weights_lr_scale: Annotated[float, Field(gt=0.0)] = 100.0
+    # Which backbone layers the head reads: "last" (the final, normed output) or "learned" (SUPERB's
+    # probe: a softmax-weighted sum of the embedding output and every layer's output, each
+    # layer-normalized; one weight vector per branch, trained with the head at layer_weights_lr_scale
+    # times its LR). Lower layers keep local detail (colour, texture) that the last one may abstract away.
+    layer_weights: Literal["last", "learned"] = "last"
+    layer_weights_lr_scale: Annotated[float, Field(gt=0.0)] = 100.0
     # Token pooling: mean of real tokens, or attentive statistics pooling (ECAPA-style, mean + std).
     # Default: asp for speaker, mean otherwise.
     pooling: Pooling = "mean"

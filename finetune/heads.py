@@ -18,6 +18,9 @@ Modes. A mode is the input a prediction is made from: "av" (both modalities), "a
   the token sequences of the present modalities, each output is pooled by its modality's pooling and
   the pooled features are averaged over the modalities a sample has. "a" / "v" run the same head on
   one sequence (its cross-attention then sees only that modality). One task head serves all modes.
+Tokens. The pooling reads the backbone's last hidden state, or with `layer_weights: learned` a
+softmax-weighted sum of every hidden state (embedding output and each layer), each layer-normalized
+(SUPERB's probe), with one weight vector per pooling branch.
 In every fusion a sample that has only one modality gets, in mode "av", the prediction of that
 modality's path (joint: up to float rounding, through the padding mask).
 
@@ -403,6 +406,12 @@ class TaskModel(nn.Module):
         self.heads = nn.ModuleDict({b: self._build_head(pooled_dim) for b in head_branches})
         # Late fusion's modality weights: logits of (audio, video); softmax -> weights (zeros = equal).
         self.late_logits = nn.Parameter(torch.zeros(2)) if cfg.late_weights == "learned" else None
+        # SUPERB layer mix: logits over (embedding output, layer 1..L) per branch; zeros = plain mean.
+        num_states = backbone.config.num_hidden_layers + 1
+        self.layer_logits = (
+            nn.ParameterDict({b: nn.Parameter(torch.zeros(num_states)) for b in branches})
+            if cfg.layer_weights == "learned" else None
+        )
         self.norms = nn.ModuleDict(
             {m: MaskedBatchNorm(pooled_dim) for m in MODES} if cfg.feature_norm == "batchnorm" else {}
         )
@@ -451,11 +460,14 @@ class TaskModel(nn.Module):
         """Optimizer groups, each with `params`, `weight_decay`, `lr_scale`: the backbone's layer-decayed
         groups (`param_groups_lrd`, none when frozen), then the head's (matrices decayed, vectors not)
         at `head_lr_scale`, then the late-fusion logits (if learned) at `head_lr_scale *
-        late_weights_lr_scale`. Every trainable parameter appears exactly once."""
+        late_weights_lr_scale`, then the layer-mix logits (if learned) at `head_lr_scale *
+        layer_weights_lr_scale`. Every trainable parameter appears exactly once."""
         groups = [] if self.cfg.freeze_backbone else param_groups_lrd(self.backbone, weight_decay, self.cfg.layer_decay)
+        mixing = [] if self.layer_logits is None else list(self.layer_logits.values())
+        own_group = {id(p) for p in [self.late_logits, *mixing] if p is not None}
         decay, no_decay = [], []
         for name, param in self.named_parameters():
-            if name.startswith("backbone.") or not param.requires_grad or param is self.late_logits:
+            if name.startswith("backbone.") or not param.requires_grad or id(param) in own_group:
                 continue
             (decay if param.ndim >= 2 else no_decay).append(param)
         for params, wd in ((decay, weight_decay), (no_decay, 0.0)):
@@ -464,6 +476,9 @@ class TaskModel(nn.Module):
         if self.late_logits is not None:
             scale = self.cfg.head_lr_scale * self.cfg.late_weights_lr_scale
             groups.append({"params": [self.late_logits], "weight_decay": 0.0, "lr_scale": scale})
+        if mixing:
+            scale = self.cfg.head_lr_scale * self.cfg.layer_weights_lr_scale
+            groups.append({"params": mixing, "weight_decay": 0.0, "lr_scale": scale})
         return groups
 
     # ---- inputs ----
@@ -510,13 +525,29 @@ class TaskModel(nn.Module):
 
     def _backbone(self, **inputs) -> Any:
         with torch.set_grad_enabled(torch.is_grad_enabled() and not self.cfg.freeze_backbone):
-            return self.backbone(**inputs)
+            return self.backbone(**inputs, output_hidden_states=self.layer_logits is not None)
+
+    def _tokens(self, out: Any, branch: str) -> torch.Tensor:
+        """The token states the head reads, [B, N, D]: the last hidden state, or with `layer_weights: learned` the branch's softmax-weighted sum of every hidden
+        state (embedding output and each layer), each layer-normalized without affine (SUPERB)."""
+        if self.layer_logits is None:
+            return out.last_hidden_state
+        weights = self.layer_weights(branch)
+        states = out.hidden_states
+        mixed = sum(w * F.layer_norm(h.float(), h.shape[-1:]) for w, h in zip(weights, states, strict=True))
+        return mixed.to(states[-1].dtype)
+
+    def layer_weights(self, branch: str) -> torch.Tensor | None:
+        """The layer mix of `branch` ("audio", "video" or "shared"): [num_layers + 1] summing to 1,
+        index 0 = embedding output; None when the head reads the last layer."""
+        return None if self.layer_logits is None else torch.softmax(self.layer_logits[branch].float(), dim=0)
 
     def _features(
         self, mode: str, audio, video, has_audio, has_video, alone: dict
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Pooled features [B, P] and presence [B] of `mode` ("av" not for late fusion). `alone` caches
-        each modality's unimodal encoding (tokens [B, L, D], mask [B, L]) across modes."""
+        each modality's unimodal encoding (tokens the head reads [B, L, D], mask [B, L], the backbone's
+        embedding [B, D]) across modes."""
         inputs = {"audio": (audio, has_audio), "video": (video, has_video)}
 
         def encode_alone(modality: str):
@@ -526,7 +557,8 @@ class TaskModel(nn.Module):
                     alone[modality] = None
                 else:
                     out = self._backbone(**{modality: x, f"has_{modality}": present})
-                    alone[modality] = (out[f"{modality}_last_hidden_state"], out[f"{modality}_token_mask"])
+                    branch = modality if modality in self.pools else "shared"
+                    alone[modality] = (self._tokens(out, branch), out[f"{modality}_token_mask"], out[f"{modality}_embeds"])
             return alone[modality]
 
         ref = audio if audio is not None else video
@@ -554,17 +586,17 @@ class TaskModel(nn.Module):
                     has_video=has_video if video is not None else None,
                 )
                 mask = torch.cat([out[f"{m}_token_mask"] for m in available], dim=1)  # (B, N)
-                return pool("shared", out.last_hidden_state, mask, out.fused_embeds), present
-            tokens, mask = encode_alone(available[0])
-            return pool("shared", tokens, mask), present
+                return pool("shared", self._tokens(out, "shared"), mask, out.fused_embeds), present
+            tokens, mask, embedding = encode_alone(available[0])
+            return pool("shared", tokens, mask, embedding), present
 
         encoded = {m: encode_alone(m) for m in available}
         if self.cfg.fusion == "late":
             (m,) = available
-            tokens, mask = encoded[m]
-            return pool(m, tokens, mask), present
+            tokens, mask, embedding = encoded[m]
+            return pool(m, tokens, mask, embedding), present
         # dca
-        fused = self.dca({m: t for m, (t, _) in encoded.items()}, {m: k for m, (_, k) in encoded.items()})
+        fused = self.dca({m: t for m, (t, _, _) in encoded.items()}, {m: k for m, (_, k, _) in encoded.items()})
         pooled = [pool(m, fused.tokens[m], encoded[m][1]) for m in available]
         return _present_mean(pooled, [inputs[m][1] for m in available]), present
 

@@ -120,6 +120,11 @@ class FinetuneWorkload(Workload):
         self._targets: torch.Tensor | None = None
         if recipe.head.late_weights == "learned":  # logged: how far the AV prediction leans on video
             self.keys = (*self.keys, "late_weight_video")
+        # logged: the layer each branch's mix reads on average (0 = embedding output, L = last layer)
+        self.mix_branches = () if recipe.head.layer_weights == "last" else (
+            ("shared",) if recipe.head.fusion == "joint" else ("audio", "video")
+        )
+        self.keys = (*self.keys, *(f"layer_centre_{b}" for b in self.mix_branches))
 
     @classmethod
     def from_config(cls, config: dict[str, Any]) -> "FinetuneWorkload":
@@ -143,7 +148,11 @@ class FinetuneWorkload(Workload):
             hits = (out.logits.argmax(-1) == self._targets) & labelled
             accuracy = hits.sum().float() / labelled.sum().clamp(min=1)
         weights = self._model.late_weights()
-        return [out.loss, accuracy] + ([weights[1].detach()] if weights is not None else [])
+        centres = []
+        for branch in self.mix_branches:
+            mix = self._model.layer_weights(branch).detach()
+            centres.append((mix * torch.arange(mix.numel(), device=mix.device)).sum())
+        return [out.loss, accuracy] + ([weights[1].detach()] if weights is not None else []) + centres
 
     def tokens(self, model: torch.nn.Module, batch: dict[str, Any]) -> int:
         return tokens_per_sample(model.backbone.config, batch)

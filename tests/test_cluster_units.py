@@ -251,3 +251,31 @@ def test_submission_retries_while_the_head_has_no_job_agent_and_then_names_the_a
     with pytest.raises(RuntimeError, match="entrypoint"):
         retry_while_no_agent(flaky(1, "bad entrypoint"), "http://head:8265", sleep=sleep, clock=lambda: now[0])
     assert naps == []
+
+
+@pytest.mark.parametrize("fusion", ["late", "joint"])
+def test_finetune_workload_logs_the_learned_weights(fusion):
+    """A finetuning run logs one value per key: with learned late weights the video weight, with a
+    learned layer mix each branch's mean layer (0 = embedding output, L = last layer)."""
+    from avssl.finetune.recipe import FinetuneRecipe
+    from avssl.finetune.runner import FinetuneWorkload
+
+    overrides = [f"head.fusion={fusion}", "head.layer_weights=learned", "trainer.num_workers=1"]
+    if fusion == "joint":
+        overrides.append("head.late_weights=equal")
+    recipe = load_config(FinetuneRecipe, REPO / "configs/finetune/spoof.yaml", overrides)
+    workload = FinetuneWorkload(recipe, ["bonafide", "spoof"], None)
+    branches = ("audio", "video") if fusion == "late" else ("shared",)
+    late = ("late_weight_video",) if fusion == "late" else ()
+    assert workload.keys == ("loss", "accuracy", *late, *(f"layer_centre_{b}" for b in branches))
+    torch.manual_seed(0)
+    model, _ = workload.build(1)
+    m = recipe.model
+    audio, video = torch.randn(2, m.audio_num_frames, m.audio_num_mel_bins), torch.randn(2, m.video_num_frames, 3, m.video_image_size, m.video_image_size)
+    labels = torch.tensor([0, 1])
+    workload._targets = model.targets(labels)
+    values = workload.values(model(audio, video, labels=labels))
+    assert len(values) == len(workload.keys)
+    depth = model.backbone.config.num_hidden_layers
+    for centre in values[len(values) - len(branches):]:
+        assert centre.item() == pytest.approx(depth / 2)  # zero logits: the plain mean over 0..L

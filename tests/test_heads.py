@@ -417,6 +417,47 @@ def test_learned_late_weights_are_a_renormalized_weighted_mean_trained_by_the_av
     assert model.late_weights()[1] > 0.6
 
 
+@pytest.mark.parametrize("fusion", ["joint", "late"])
+def test_learned_layer_weights_mix_every_layer_normalized_state(backbone, fusion):
+    """layer_weights=learned (SUPERB): the head reads sum_l softmax(w)_l LayerNorm(h_l) over the
+    embedding output and every layer, one weight vector per branch in its own optimizer group; the
+    backbone's own embedding (concat_embedding) stays its CLS / pooled output."""
+    audio, video = batch(3)
+    model = TaskModel(copy.deepcopy(backbone), head("emotion", fusion=fusion, pooling="mean", feature_norm="none",
+                                                    layer_weights="learned", concat_embedding=True)).eval()
+    depth = len(model.backbone.layers)
+    branches = ("audio", "video") if fusion == "late" else ("shared",)
+    assert set(model.layer_logits) == set(branches)
+    branch = branches[0]
+    assert torch.allclose(model.layer_weights(branch), torch.full((depth + 1,), 1.0 / (depth + 1)))
+    with torch.no_grad():
+        model.layer_logits[branch].copy_(torch.linspace(-1.0, 2.0, depth + 1))
+        out = model.backbone(audio=audio, output_hidden_states=True)
+        assert len(out.hidden_states) == depth + 1
+        w = torch.softmax(torch.linspace(-1.0, 2.0, depth + 1), 0)
+        mixed = sum(wl * F.layer_norm(h, h.shape[-1:]) for wl, h in zip(w, out.hidden_states))
+        pooled = model.pools[branch](mixed, out.audio_token_mask)
+        expected = F.normalize(torch.cat([pooled, out.audio_embeds], -1), dim=-1)
+        assert torch.allclose(model.embed(audio, video, mode="a"), expected, atol=1e-5)
+    # "last" reads the final (normed) output: the mix is a different input.
+    last = TaskModel(copy.deepcopy(backbone), head("emotion", fusion=fusion, pooling="mean", feature_norm="none",
+                                                   concat_embedding=True)).eval()
+    assert last.layer_logits is None and last.layer_weights(branch) is None
+    with torch.no_grad():
+        assert not torch.allclose(last.embed(audio, video, mode="a"), expected, atol=1e-3)
+    # Own group at head_lr_scale x layer_weights_lr_scale; every trainable parameter once.
+    model = TaskModel(copy.deepcopy(backbone), head("emotion", fusion=fusion, layer_weights="learned",
+                                                    layer_weights_lr_scale=50.0, head_lr_scale=2.0, freeze_backbone=True))
+    groups = model.param_groups(0.05)
+    (group,) = [g for g in groups if any(p is model.layer_logits[branch] for p in g["params"])]
+    assert group["lr_scale"] == 100.0 and group["weight_decay"] == 0.0 and len(group["params"]) == len(branches)
+    ids = [id(p) for g in groups for p in g["params"]]
+    assert sorted(ids) == sorted(id(p) for p in model.parameters() if p.requires_grad)
+    # The loss trains the weights.
+    model.train()(audio, video, labels=torch.tensor([0, 1, 2])).loss.backward()
+    assert all(model.layer_logits[b].grad is not None and model.layer_logits[b].grad.abs().sum() > 0 for b in branches)
+
+
 @pytest.mark.parametrize("fusion", ["joint", "late", "dca"])
 def test_missing_modality_samples_use_their_present_modality(backbone, fusion):
     """Samples lacking a modality give finite outputs and the fused prediction equals the present modality's path."""
