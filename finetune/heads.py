@@ -528,8 +528,9 @@ class TaskModel(nn.Module):
             return self.backbone(**inputs, output_hidden_states=self.layer_logits is not None)
 
     def _tokens(self, out: Any, branch: str) -> torch.Tensor:
-        """The token states the head reads, [B, N, D]: the last hidden state, or with `layer_weights: learned` the branch's softmax-weighted sum of every hidden
-        state (embedding output and each layer), each layer-normalized without affine (SUPERB)."""
+        """The token states the head reads, [B, N, D]: the last hidden state, or with `layer_weights:
+        learned` the branch's softmax-weighted sum of every hidden state (embedding output and each
+        layer), each layer-normalized without affine (SUPERB)."""
         if self.layer_logits is None:
             return out.last_hidden_state
         weights = self.layer_weights(branch)
