@@ -348,6 +348,12 @@ class _ModeResult:
     cosine: torch.Tensor | None = None
 
 
+def pooling_branches(fusion: str) -> tuple[str, ...]:
+    """The pooling branches (and layer mixes) of a fusion: one per modality when each modality is
+    encoded alone (late, dca), one shared otherwise (joint)."""
+    return ("audio", "video") if fusion in ("late", "dca") else ("shared",)
+
+
 def _present_mean(
     values: Sequence[torch.Tensor], presents: Sequence[torch.Tensor], weights: torch.Tensor | None = None
 ) -> torch.Tensor:
@@ -397,7 +403,7 @@ class TaskModel(nn.Module):
         self.fused_mode = "av" if self.both else MODE_OF_MODALITY[cfg.modalities[0]]
         dim = backbone.config.hidden_size
 
-        branches = ("audio", "video") if cfg.fusion in ("late", "dca") else ("shared",)
+        branches = pooling_branches(cfg.fusion)
         self.pools = nn.ModuleDict({b: build_pooling(cfg.pooling, dim, cfg.asp_bottleneck) for b in branches})
         # Width of the features a head reads: the pooling's, plus D with concat_embedding.
         self.pooled_dim = pooled_dim = next(iter(self.pools.values())).out_dim + (dim if cfg.concat_embedding else 0)

@@ -121,9 +121,9 @@ class FinetuneWorkload(Workload):
         if recipe.head.late_weights == "learned":  # logged: how far the AV prediction leans on video
             self.keys = (*self.keys, "late_weight_video")
         # logged: the layer each branch's mix reads on average (0 = embedding output, L = last layer)
-        self.mix_branches = () if recipe.head.layer_weights == "last" else (
-            ("shared",) if recipe.head.fusion == "joint" else ("audio", "video")
-        )
+        from avssl.finetune.heads import pooling_branches
+
+        self.mix_branches = () if recipe.head.layer_weights == "last" else pooling_branches(recipe.head.fusion)
         self.keys = (*self.keys, *(f"layer_centre_{b}" for b in self.mix_branches))
 
     @classmethod
