@@ -176,6 +176,12 @@ class LossConfig(Section):
     # `model.use_cls_token` the CLS output stays the AV contrast's (and the release's) embedding.
     segment_weight: Annotated[float, Field(ge=0.0)] = 0.0
     segment_temperature: Annotated[float, Field(gt=0.0, le=1.0)] = 0.1
+    # Hard negatives in both contrasts (Robinson et al., ICLR 2021): each anchor's negatives are
+    # weighted by exp(beta * cosine), normalized to mean 1, so the clips most like it count most. On
+    # a corpus with deepfakes the nearest negative of a clip is often its own spoof or source,
+    # which differ only by the artefacts; plain InfoNCE lets the other negatives drown that pair
+    # out. 0 = plain InfoNCE.
+    hard_negative_beta: Annotated[float, Field(ge=0.0)] = 0.0
 
     @model_validator(mode="after")
     def _something_to_learn(self) -> LossConfig:

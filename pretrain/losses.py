@@ -63,11 +63,16 @@ def contrastive_loss(
     pair_valid: torch.Tensor,
     logit_scale: torch.Tensor | float,
     process_group=None,
+    hard_negative_beta: float = 0.0,
 ) -> ContrastiveOutput:
     """Symmetric InfoNCE between two views of the same samples (e.g. pooled audio and pooled video).
 
     embeds_a, embeds_b: [B, D] local rows (normalized here, in float32); pair_valid: [B] bool, True
     where both sides exist; logit_scale: 1 / temperature (scalar tensor when learned).
+    hard_negative_beta: > 0 reweights each row's negatives by exp(beta * cosine), normalized to mean 1
+    over the row's negatives (Robinson et al., "Contrastive Learning with Hard Negative Samples",
+    ICLR 2021, without the debiasing term): the negatives most like the anchor count most. The
+    weights are constants (no gradient of their own); 0 is plain InfoNCE.
     """
     world, rank = _world(process_group)
     a = F.normalize(embeds_a.float(), dim=-1)  # (B, D)
@@ -84,12 +89,15 @@ def contrastive_loss(
     labels = torch.arange(batch, device=a.device) + rank * batch  # (B,) global column of each row
 
     def directed(x: torch.Tensor, others: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        logits = logit_scale * x @ others.T  # (B, W*B)
-        logits = logits.masked_fill(~valid_all[None, :], float("-inf"))  # absent samples are no negatives
+        cosine = x @ others.T  # (B, W*B)
+        logits = (logit_scale * cosine).masked_fill(~valid_all[None, :], float("-inf"))  # absent: no negatives
         # Rows without a pair would be all -inf past their own (masked) label: zero them, weight them 0.
         logits = torch.where(valid[:, None], logits, torch.zeros_like(logits))
+        correct = (logits.argmax(dim=1) == labels) & valid  # (B,): retrieval, whatever the weights
+        if hard_negative_beta > 0:
+            weights = _hard_negative_log_weights(cosine.detach(), valid_all, labels, hard_negative_beta)
+            logits = logits + torch.where(valid[:, None], weights, torch.zeros_like(weights))
         ce = F.cross_entropy(logits, labels, reduction="none")  # (B,)
-        correct = (logits.argmax(dim=1) == labels) & valid  # (B,)
         return ce, correct
 
     ce_ab, correct_ab = directed(a, b_all)
@@ -104,6 +112,19 @@ def contrastive_loss(
     loss = loss_sum * world / denom
     accuracy = (counts[1] + counts[2]).float() * 0.5 / denom
     return ContrastiveOutput(loss=loss, accuracy=accuracy.detach(), n_pairs=n_pairs.detach())
+
+
+def _hard_negative_log_weights(
+    cosine: torch.Tensor, valid_columns: torch.Tensor, labels: torch.Tensor, beta: float
+) -> torch.Tensor:
+    """[B, C] cosines, [C] columns that are samples, [B] positive columns -> [B, C] log importance
+    weights of the negatives: beta * cosine - log(mean over the row's negatives of exp(beta * cosine)).
+    0 on the positive column and on columns that are no samples (their logits are -inf anyway)."""
+    negative = valid_columns[None, :] & ~F.one_hot(labels, cosine.shape[1]).bool()  # (B, C)
+    scaled = (beta * cosine).masked_fill(~negative, float("-inf"))  # (B, C)
+    count = negative.sum(dim=1, keepdim=True)  # (B, 1)
+    log_mean = torch.logsumexp(scaled, dim=1, keepdim=True) - count.clamp(min=1).log()  # (B, 1)
+    return torch.where(negative, scaled - log_mean, torch.zeros_like(scaled))
 
 
 def normalize_patches(target: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:

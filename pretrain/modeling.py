@@ -881,7 +881,8 @@ class AVViTForPretraining(AVViTPreTrainedModel):
             a_con, v_con = out.audio_embeds, out.video_embeds
             if objective.projection == "mlp":
                 a_con, v_con = self.audio_projection(a_con, pairs), self.video_projection(v_con, pairs)  # (B, P)
-            con = contrastive_loss(a_con, v_con, pairs, self.contrastive_logit_scale(), process_group)
+            con = contrastive_loss(a_con, v_con, pairs, self.contrastive_logit_scale(), process_group,
+                                   objective.hard_negative_beta)
             loss_con, accuracy, n_pairs = con.loss, con.accuracy, con.n_pairs
 
         # Segment view: each modality alone, its first and second half in time as two samples of one
@@ -901,7 +902,8 @@ class AVViTForPretraining(AVViTPreTrainedModel):
                 if objective.projection == "mlp":
                     pooled = getattr(self, f"{name}_segment_projection")(pooled, present.repeat(2))
                 first, second = pooled[:batch], pooled[batch:]  # (B, P) each
-                seg = contrastive_loss(first, second, present, 1.0 / objective.segment_temperature, process_group)
+                seg = contrastive_loss(first, second, present, 1.0 / objective.segment_temperature, process_group,
+                                       objective.hard_negative_beta)
                 loss_seg = loss_seg + seg.loss / len(parts)
                 seg_accuracy = seg_accuracy + seg.accuracy / len(parts)
 

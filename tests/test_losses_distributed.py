@@ -28,6 +28,7 @@ CASES = {
     "one_rank_empty": [False, False, False, False, True, True, False, True],
     "no_pairs": [False] * 8,
 }
+BETAS = (0.0, 2.0)  # plain InfoNCE and hard-negative weighting
 
 
 def _inputs(case: str):
@@ -41,12 +42,13 @@ def _inputs(case: str):
     return x_a, x_b, w_a, w_b, log_scale, torch.tensor(CASES[case])
 
 
-def _run(case: str, rows: slice, group_mean_grads: bool):
-    """Loss and gradients for `rows` of the batch; parameter grads averaged over ranks (DDP) when distributed."""
+def _run(case: str, rows: slice, group_mean_grads: bool, beta: float = 0.0):
+    """Loss and gradients for `rows` of the batch; parameter grads averaged over ranks (DDP) when distributed.
+    `beta`: the hard-negative weighting (0 = plain InfoNCE)."""
     x_a, x_b, w_a, w_b, log_scale, valid = _inputs(case)
     x_a, x_b = x_a[rows].clone().requires_grad_(), x_b[rows].clone().requires_grad_()
     params = [w_a.requires_grad_(), w_b.requires_grad_(), log_scale.requires_grad_()]
-    out = contrastive_loss(x_a @ w_a, x_b @ w_b, valid[rows], log_scale.exp())
+    out = contrastive_loss(x_a @ w_a, x_b @ w_b, valid[rows], log_scale.exp(), hard_negative_beta=beta)
     out.loss.backward()
     grads = [p.grad.clone() for p in params]
     if group_mean_grads:
@@ -68,7 +70,7 @@ def _worker(rank: int, init_file: str, out_dir: str) -> None:
     try:
         per_rank = ROWS // WORLD
         rows = slice(rank * per_rank, (rank + 1) * per_rank)
-        results = {case: _run(case, rows, group_mean_grads=True) for case in CASES}
+        results = {(case, beta): _run(case, rows, group_mean_grads=True, beta=beta) for case in CASES for beta in BETAS}
         torch.save(results, f"{out_dir}/rank{rank}.pt")
     finally:
         torch.distributed.destroy_process_group()
@@ -101,11 +103,39 @@ def test_single_process_loss_matches_naive_infonce():
     assert torch.allclose(out.accuracy, accuracy) and out.n_pairs.item() == int(valid.sum())
 
 
+def test_hard_negative_weighting_matches_its_formula():
+    """With beta > 0 each direction's loss is -log(e^s_ii / (e^s_ii + (n - 1) * mean_j w_ij e^s_ij)) over
+    the valid negatives j, with w_ij = exp(beta cos_ij) / mean_j exp(beta cos_ij) (Robinson et al. 2021,
+    without debiasing); accuracy stays plain retrieval; beta = 0 is InfoNCE again."""
+    x_a, x_b, w_a, w_b, log_scale, valid = _inputs("uneven")
+    a, b = x_a @ w_a, x_b @ w_b
+    av, bv = F.normalize(a[valid], dim=-1), F.normalize(b[valid], dim=-1)
+    scale, beta, n = log_scale.exp(), 2.0, int(valid.sum())
+
+    def direction(cos: torch.Tensor) -> torch.Tensor:
+        losses = []
+        for i in range(n):
+            negatives = torch.cat([cos[i, :i], cos[i, i + 1 :]])
+            weights = torch.exp(beta * negatives)
+            weights = weights / weights.mean()
+            losses.append(-(scale * cos[i, i] - torch.log(torch.exp(scale * cos[i, i]) + (weights * torch.exp(scale * negatives)).sum())))
+        return torch.stack(losses).mean()
+
+    cos = av @ bv.T
+    expected = (direction(cos) + direction(cos.T)) / 2
+    out = contrastive_loss(a, b, valid, scale, hard_negative_beta=beta)
+    plain = contrastive_loss(a, b, valid, scale)
+    assert torch.allclose(out.loss, expected, atol=1e-5), (out.loss, expected)
+    assert out.loss > plain.loss  # the hardest negatives weigh more than the mean one
+    assert torch.equal(out.accuracy, plain.accuracy)
+
+
+@pytest.mark.parametrize("beta", BETAS)
 @pytest.mark.parametrize("case", sorted(CASES))
-def test_two_gloo_ranks_match_one_process(distributed_results, case):
+def test_two_gloo_ranks_match_one_process(distributed_results, case, beta):
     """Mean loss over 2 ranks, DDP-averaged parameter grads and per-row input grads / world equal the full-batch single process."""
-    reference = _run(case, slice(None), group_mean_grads=False)
-    ranks = [results[case] for results in distributed_results]
+    reference = _run(case, slice(None), group_mean_grads=False, beta=beta)
+    ranks = [results[(case, beta)] for results in distributed_results]
     mean_loss = sum(r["loss"] for r in ranks) / WORLD
     assert torch.allclose(mean_loss, reference["loss"], atol=1e-5), (mean_loss, reference["loss"])
     for r in ranks:
