@@ -178,7 +178,7 @@ class LossConfig(Section):
     segment_temperature: Annotated[float, Field(gt=0.0, le=1.0)] = 0.1
     # Hard negatives in both contrasts (Robinson et al., ICLR 2021): each anchor's negatives are
     # weighted by exp(beta * cosine), normalized to mean 1, so the clips most like it count most. On
-    # a corpus with deepfakes the nearest negative of a clip is often its own spoof or source,
+    # a corpus with deepfakes the nearest negative of a clip can be its own spoof or source,
     # which differ only by the artefacts; plain InfoNCE lets the other negatives drown that pair
     # out. 0 = plain InfoNCE.
     hard_negative_beta: Annotated[float, Field(ge=0.0)] = 0.0
