@@ -377,6 +377,27 @@ def test_segment_contrast_trains_its_own_heads_and_is_not_released(tmp_path):
         validate(LossConfig, {"reconstruction_weight": 0.0, "contrastive_weight": 0.0}, "loss")
 
 
+def test_hard_negative_beta_reaches_both_contrasts():
+    """loss.hard_negative_beta weights the negatives of the AV and the segment contrast: with the same weights
+    and masks, each weighted loss is larger than plain InfoNCE's (the hardest negatives weigh more than the
+    mean one), the retrieval accuracies are the same, and reconstruction does not change."""
+    losses = {"segment_weight": 1.0, "contrastive_weight": 1.0, "projection": "mlp", "projection_dim": 16}
+    torch.manual_seed(0)
+    plain = P.AVViTForPretraining(pretraining_config(loss=losses))
+    hard = P.AVViTForPretraining(pretraining_config(loss={**losses, "hard_negative_beta": 2.0}))
+    hard.load_state_dict(plain.state_dict())
+    audio, video = batch(6)
+    outs = []
+    for model in (plain, hard):
+        torch.manual_seed(1)  # the same masks
+        outs.append(model(audio=audio, video=video))
+    base, weighted = outs
+    assert weighted.loss_contrastive > base.loss_contrastive and weighted.loss_segment > base.loss_segment
+    assert torch.equal(weighted.contrastive_accuracy, base.contrastive_accuracy)
+    assert torch.equal(weighted.segment_accuracy, base.segment_accuracy)
+    assert torch.allclose(weighted.loss_reconstruction, base.loss_reconstruction)
+
+
 def test_with_cls_tokens_the_segment_contrast_pools_patches_and_the_cls_output_stays_the_embedding():
     """use_cls_token: the CLS output is the pooled embedding (the AV contrast's and the release's); the segment
     contrast reads the mean of the real patch outputs, so its clip cues shape the patches, not the embedding."""
