@@ -95,8 +95,8 @@ def contrastive_loss(
         logits = torch.where(valid[:, None], logits, torch.zeros_like(logits))
         correct = (logits.argmax(dim=1) == labels) & valid  # (B,): retrieval, whatever the weights
         if hard_negative_beta > 0:
-            weights = _hard_negative_log_weights(cosine.detach(), valid_all, labels, hard_negative_beta)
-            logits = logits + torch.where(valid[:, None], weights, torch.zeros_like(weights))
+            # Finite everywhere, so rows without a pair stay finite; their loss is weighted 0 below.
+            logits = logits + _hard_negative_log_weights(cosine.detach(), valid_all, labels, hard_negative_beta)
         ce = F.cross_entropy(logits, labels, reduction="none")  # (B,)
         return ce, correct
 
