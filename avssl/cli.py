@@ -243,15 +243,18 @@ def cmd_prove(args: argparse.Namespace) -> None:
     from avssl.finetune.proof import prove
 
     result = prove(Path(args.pretrained), Path(args.data), Path(args.out), args.steps, Path(args.storage), tuple(args.tasks),
-                   args.overrides)
-    table = Table(title=f"pretrained vs random backbone: same head, data and {args.steps} finetuning steps")
-    for col in ("task", "modality", "metric", "pretrained", "random", "gain (2 s.e.)", "clearly better"):
+                   args.overrides, tuple(args.seeds))
+    pooled = len(set(args.seeds)) > 1
+    title = f"pretrained vs random backbone: same head, data and {args.steps} finetuning steps"
+    table = Table(title=title + (f", scores pooled over head seeds {' '.join(map(str, args.seeds))}" if pooled else ""))
+    for col in ("task", "modality", "metric", "pretrained", "random", "gain (2 s.e.)", "clearly better") + (("per seed",) if pooled else ()):
         table.add_column(col)
     for t in result["table"]:
         verdict = ("[green]yes[/green]" if t["clearly_better"]
                    else "[yellow]within noise[/yellow]" if t["pretrained_better"] else "[red]no[/red]")
         table.add_row(t["task"], t["mode"], t["metric"], f"{t['pretrained']:.1f}", f"{t['random']:.1f}",
-                      f"{t['gain']:+.1f} (±{t['clear_margin']:.1f})", verdict)
+                      f"{t['gain']:+.1f} (±{t['clear_margin']:.1f})", verdict,
+                      *((" / ".join(f"{g:+.1f}" for g in t["seed_gains"]) or "-",) if pooled else ()))
     console.print(table)
     console.print(f"written: {Path(args.out) / 'proof.md'}, {Path(args.out) / 'proof.json'}; "
                   f"MLflow run {result['mlflow_run_id']} (experiment avssl-proof)")
@@ -469,6 +472,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", default="data/demo")
     p.add_argument("--steps", type=int, default=100, help="finetuning steps per run")
     p.add_argument("--tasks", nargs="+", default=["speaker", "emotion", "spoof"], choices=["speaker", "emotion", "spoof"])
+    p.add_argument("--seeds", type=int, nargs="+", default=[0], metavar="SEED",
+                   help="head seeds: one head per seed and backbone, each clip's scores averaged over them before the "
+                        "verdict (e.g. --seeds 0 1 2, which make demo uses)")
     p.add_argument("--storage", default="runs/prove", help="where the finetuning runs go")
     p.add_argument("--out", default="runs/prove/report")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY.PATH=VALUE",

@@ -93,7 +93,8 @@ def evaluate_emotion(model, labels: list[str], loader, modes, total, label_map: 
         report[mode]["n"] = int(keep.sum())
         meta = [m for m, k in zip(d["meta"], keep.tolist()) if k]
         raw[mode] = {"keys": [m["utterance"] for m in meta], "speakers": [m["speaker"] for m in meta],
-                     "labels": [labels[i] for i in y_true], "predictions": [labels[i] for i in y_pred]}
+                     "labels": [labels[i] for i in y_true], "predictions": [labels[i] for i in y_pred],
+                     "classes": list(labels), "probabilities": d["values"][keep]}
     return report, raw
 
 
@@ -198,6 +199,9 @@ def evaluate_speaker(embed_fn: Callable, loader, trials: list[tuple[int, str, st
 
 
 SCORE_COLUMNS = {"binary": ("key", "speaker", "label", "group", "score"), "classes": ("key", "speaker", "label", "prediction")}
+# Emotion score files also hold each class's probability, one column per class named PROB_PREFIX + class:
+# what pooling several heads (pool_scores) averages.
+PROB_PREFIX = "p_"
 
 
 def score_file(out: Path, mode: str) -> Path:
@@ -209,17 +213,23 @@ def write_scores(raw: dict[str, dict[str, Any]], out: Path) -> list[Path]:
     """Per-sample results, one tab-separated file per mode (`scores_<mode>.tsv`, with a header):
     verification `key` = "enroll test", label 1 target / 0 non-target, speaker = the enrollment's;
     spoof `key` = utterance, label 1 bona fide / 0 spoof, group = bonafide or the attack id; both
-    with `score` (higher = target / bona fide). Emotion: utterance, speaker, true label, prediction.
+    with `score` (higher = target / bona fide). Emotion: utterance, speaker, true label, prediction,
+    then `p_<class>` per class (its probability) when the raw results have them.
     What `avssl prove` compares pretrained and random backbones with (read_scores)."""
     paths = []
     for mode, d in raw.items():
         kind = "binary" if "scores" in d else "classes"
+        header = list(SCORE_COLUMNS[kind])
         columns = [d["keys"], d["speakers"]]
         if kind == "binary":
             columns += [[int(x) for x in d["labels"]], [str(g) for g in d["groups"]], [f"{x:.9g}" for x in d["scores"]]]
         else:
             columns += [d["labels"], d["predictions"]]
-        lines = ["\t".join(SCORE_COLUMNS[kind])] + ["\t".join(map(str, row)) for row in zip(*columns)]
+            if "probabilities" in d:
+                probs = np.asarray(d["probabilities"], dtype=np.float64).reshape(len(d["keys"]), -1)
+                header += [PROB_PREFIX + c for c in d["classes"]]
+                columns += [[f"{x:.7g}" for x in probs[:, k]] for k in range(probs.shape[1])]
+        lines = ["\t".join(header)] + ["\t".join(map(str, row)) for row in zip(*columns)]
         paths.append(score_file(out, mode))
         atomic_write_text(paths[-1], "\n".join(lines) + "\n")
     return paths
@@ -228,14 +238,60 @@ def write_scores(raw: dict[str, dict[str, Any]], out: Path) -> list[Path]:
 def read_scores(path: Path) -> dict[str, list[str]]:
     """A `scores_<mode>.tsv` of write_scores -> {column: values as text}."""
     rows = [line.split("\t") for line in Path(path).read_text().splitlines() if line]
-    if not rows or tuple(rows[0]) not in SCORE_COLUMNS.values():
+    header = tuple(rows[0]) if rows else ()
+    known = header == SCORE_COLUMNS["binary"] or (
+        header[:4] == SCORE_COLUMNS["classes"] and all(h.startswith(PROB_PREFIX) for h in header[4:]))
+    if not known:
         raise AvsslError(f"{path}: not a score file of avssl evaluate (header {rows[0] if rows else 'missing'}); "
                          "re-run the evaluation that wrote it")
-    header = rows[0]
     for n, row in enumerate(rows[1:], 2):
         if len(row) != len(header):
             raise AvsslError(f"{path}:{n}: {len(row)} fields where the header has {len(header)}")
     return {name: [row[i] for row in rows[1:]] for i, name in enumerate(header)}
+
+
+def pool_scores(paths: list[Path], out: Path) -> Path:
+    """One score file from several of the same samples (e.g. heads trained with different seeds):
+    each sample's mean score (verification, spoof), or its mean class probabilities and their
+    argmax as the prediction (emotion). Score-level fusion of the runs, so a proof's verdict is not
+    one head initialization's luck. The files may list the samples in any order; written to `out`."""
+    files = [read_scores(p) for p in paths]
+    first, keys = files[0], files[0]["key"]
+    header = list(first)
+    probs = [h for h in header if h.startswith(PROB_PREFIX)]
+    if "score" not in first and not probs:
+        raise AvsslError(f"{paths[0]}: emotion scores without class probabilities cannot be pooled; re-run "
+                         "`avssl evaluate` (or `avssl prove`) with this version to write them")
+    values = []
+    for path, f in zip(paths, files):
+        if list(f) != header or sorted(f["key"]) != sorted(keys):
+            raise AvsslError(f"{path} and {paths[0]} score different samples or columns: pool the score files "
+                             "of one task, mode, split and trial list")
+        order = {k: i for i, k in enumerate(f["key"])}
+        align = [order[k] for k in keys]
+        cols = ["score"] if "score" in first else probs
+        values.append(np.array([[float(f[c][i]) for c in cols] for i in align], dtype=np.float64))
+    mean = np.mean(values, axis=0)
+    rows = {h: list(first[h]) for h in header}
+    if "score" in first:
+        rows["score"] = [f"{x:.9g}" for x in mean[:, 0]]
+    else:
+        for k, c in enumerate(probs):
+            rows[c] = [f"{x:.7g}" for x in mean[:, k]]
+        rows["prediction"] = [probs[k][len(PROB_PREFIX):] for k in mean.argmax(axis=1)]
+    lines = ["\t".join(header)] + ["\t".join(row) for row in zip(*rows.values())]
+    atomic_write_text(Path(out), "\n".join(lines) + "\n")
+    return Path(out)
+
+
+def headline(path: Path) -> float:
+    """The proof's number of one score file: the EER of a verification or spoof file, the UA
+    (mean recall over the true classes) of an emotion file."""
+    f = read_scores(path)
+    if "score" in f:
+        return M.eer(np.array(f["score"], dtype=float), np.array(f["label"], dtype=int)).eer
+    classes = {c: k for k, c in enumerate(sorted(set(f["label"]) | set(f["prediction"])))}
+    return M.unweighted_accuracy(np.array([classes[c] for c in f["label"]]), np.array([classes[c] for c in f["prediction"]]))
 
 
 def plot_binary(raw: dict[str, Any], out: Path, title: str) -> list[Path]:

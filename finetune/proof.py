@@ -18,7 +18,7 @@ import numpy as np
 from avssl import AvsslError
 from avssl.config import load_config
 from avssl.finetune import metrics as M
-from avssl.finetune.evaluate import evaluate, read_scores, score_file
+from avssl.finetune.evaluate import evaluate, headline, pool_scores, read_scores, score_file
 from avssl.finetune.recipe import FinetuneRecipe
 from avssl.io import atomic_write_text, write_json
 
@@ -81,10 +81,20 @@ def recipe_tag(recipe: FinetuneRecipe) -> str:
 
 
 def prove(pretrained: Path, corpus: Path, out: Path, steps: int, storage: Path, tasks: tuple[str, ...] = TASKS,
-          overrides: list[str] | None = None) -> dict[str, Any]:
+          overrides: list[str] | None = None, seeds: tuple[int, ...] = (0,)) -> dict[str, Any]:
+    """The table. With several `seeds`, each task's head is trained once per seed (trainer.seed)
+    from each backbone, and every clip's (or trial's) scores are averaged over the seeds before the
+    verdict (evaluate.pool_scores): the bootstrap then measures the test speakers' spread, not one
+    head initialization's luck. Each seed's own gain is kept in the table (`seed_gains`)."""
     from avssl.finetune.runner import run_finetuning
 
     pretrained, corpus, out = Path(pretrained).resolve(), Path(corpus).resolve(), Path(out)
+    seeds = tuple(dict.fromkeys(int(s) for s in seeds))
+    if not seeds:
+        raise AvsslError("--seeds: give at least one head seed, e.g. --seeds 0 1 2")
+    if len(seeds) > 1 and any(o.split("=", 1)[0].strip() == "trainer.seed" for o in overrides or []):
+        raise AvsslError("--set trainer.seed and --seeds both choose the head seed: drop --set trainer.seed "
+                         "(with --seeds the proof trains one head per seed and pools their scores)")
     out.mkdir(parents=True, exist_ok=True)
     tag = release_tag(pretrained)
     random_release = random_backbone_release(pretrained, out / f"random_backbone-{tag}")
@@ -96,29 +106,46 @@ def prove(pretrained: Path, corpus: Path, out: Path, steps: int, storage: Path, 
                          "n": effective_n(r), "scores": str(score_file(out / f"zeroshot_{init_name}", mode))})
     for task in tasks:
         for init_name, release in (("pretrained", pretrained), ("random", random_release)):
-            recipe = load_config(FinetuneRecipe, REPO_CONFIGS / f"{task}.yaml", [
-                f"data.corpus={corpus}", f"trainer.storage_path={storage}", f"trainer.total_steps={steps}",
-                f"trainer.checkpoint_every={steps}", f"init.source={release}", f"mlflow.experiment=avssl-proof",
-                *(overrides or []),
-            ])
-            name = f"prove-{task}-{init_name}-{tag}-{recipe_tag(recipe)}"
-            recipe = recipe.model_copy(update={"trainer": recipe.trainer.model_copy(update={"name": name})})
-            result = run_finetuning(recipe)
             report_dir = out / f"{task}_{init_name}"
-            report = evaluate(result.release, corpus, report_dir, split=recipe.eval.split,
-                              trials=corpus / recipe.eval.trials if recipe.eval.trials else None)
+            per_seed: dict[str, list[dict[str, Any]]] = {}
+            for seed in seeds:
+                seed_set = [f"trainer.seed={seed}"] if len(seeds) > 1 else []
+                recipe = load_config(FinetuneRecipe, REPO_CONFIGS / f"{task}.yaml", [
+                    f"data.corpus={corpus}", f"trainer.storage_path={storage}", f"trainer.total_steps={steps}",
+                    f"trainer.checkpoint_every={steps}", f"init.source={release}", f"mlflow.experiment=avssl-proof",
+                    *(overrides or []), *seed_set,
+                ])
+                name = f"prove-{task}-{init_name}-{tag}-{recipe_tag(recipe)}"
+                recipe = recipe.model_copy(update={"trainer": recipe.trainer.model_copy(update={"name": name})})
+                result = run_finetuning(recipe)
+                seed_dir = report_dir / f"seed{seed}" if len(seeds) > 1 else report_dir
+                report = evaluate(result.release, corpus, seed_dir, split=recipe.eval.split,
+                                  trials=corpus / recipe.eval.trials if recipe.eval.trials else None)
+                for mode, r in report["results"].items():
+                    per_seed.setdefault(mode, []).append({"seed": recipe.trainer.seed, "n": effective_n(r),
+                                                          "scores": score_file(seed_dir, mode)})
             metric, _ = HEADLINE[task]
-            for mode, r in report["results"].items():
-                rows.append({"task": task, "mode": mode, "init": init_name, "metric": metric, "value": r[metric],
-                             "n": effective_n(r), "scores": str(score_file(report_dir, mode))})
+            for mode, runs in per_seed.items():
+                if len(runs) != len(seeds):
+                    raise AvsslError(f"{task} {mode}: scored by {len(runs)} of the {len(seeds)} seeds' heads; "
+                                     "every seed's evaluation must cover the same modes")
+                pooled = score_file(report_dir, mode)
+                if len(seeds) > 1:
+                    pool_scores([r["scores"] for r in runs], pooled)
+                rows.append({"task": task, "mode": mode, "init": init_name, "metric": metric, "value": headline(pooled),
+                             "n": runs[0]["n"], "scores": str(pooled),
+                             "seeds": [{"seed": r["seed"], "value": headline(r["scores"]), "scores": str(r["scores"])}
+                                       for r in runs]})
     table = comparison(rows)
-    write_json(out / "proof.json", {"pretrained": str(pretrained), "corpus": str(corpus), "steps": steps, "rows": rows, "table": table})
-    atomic_write_text(out / "proof.md", markdown(table, steps))
-    run_id = log_proof(recipe, pretrained, tag, out, table)
+    write_json(out / "proof.json", {"pretrained": str(pretrained), "corpus": str(corpus), "steps": steps,
+                                    "seeds": list(seeds), "rows": rows, "table": table})
+    atomic_write_text(out / "proof.md", markdown(table, steps, seeds))
+    run_id = log_proof(recipe, pretrained, tag, out, table, seeds)
     return {"rows": rows, "table": table, "mlflow_run_id": run_id}
 
 
-def log_proof(recipe: FinetuneRecipe, pretrained: Path, tag: str, out: Path, table: list[dict[str, Any]]) -> str:
+def log_proof(recipe: FinetuneRecipe, pretrained: Path, tag: str, out: Path, table: list[dict[str, Any]],
+              seeds: tuple[int, ...] = (0,)) -> str:
     """One MLflow run (the finetuning runs' experiment and store) holding the table as metrics
     (`proof.<task>.<modality>.{pretrained,random,gain,clear_margin}`) and proof.md / proof.json."""
     from avssl.cluster.tracking import MlflowLogger, open_run, resolve_tracking_uri
@@ -126,7 +153,8 @@ def log_proof(recipe: FinetuneRecipe, pretrained: Path, tag: str, out: Path, tab
     uri = resolve_tracking_uri(recipe.mlflow, recipe.trainer.storage_path)
     run_id = open_run(recipe.mlflow, uri, f"proof-{tag}", recipe.trainer.storage_path)
     logger = MlflowLogger(uri, run_id, recipe.mlflow)
-    logger.set_tags({"avssl.pretrained": str(pretrained), "avssl.kind": "proof"})
+    logger.set_tags({"avssl.pretrained": str(pretrained), "avssl.kind": "proof",
+                     "avssl.proof_seeds": ",".join(map(str, seeds))})
     metrics = {}
     for t in table:
         key = f"proof.{t['task'].replace(' (zero-shot)', '_zero_shot')}.{t['mode'].lower()}"
@@ -189,17 +217,37 @@ def comparison(rows: list[dict[str, Any]], resamples: int = RESAMPLES) -> list[d
                     "pretrained": 100 * p["value"], "random": 100 * q["value"], "gain": 100 * gain,
                     "clear_margin": 100 * margin, "interval": [100 * boot.low, 100 * boot.high],
                     "speakers": boot.clusters, "n": min(p.get("n", 0), q.get("n", 0)),
+                    "seed_gains": seed_gains(p, q, lower),
                     "pretrained_better": gain > 0, "clearly_better": gain > margin})
     return out
 
 
-def markdown(table: list[dict[str, Any]], steps: int) -> str:
+def seed_gains(p: dict[str, Any], q: dict[str, Any], lower: bool) -> list[float]:
+    """Each head seed's own gain in points (rows from several seeds, matched by seed), else []."""
+    ps, qs = {s["seed"]: s["value"] for s in p.get("seeds", [])}, {s["seed"]: s["value"] for s in q.get("seeds", [])}
+    if len(ps) < 2:
+        return []
+    return [100 * ((qs[s] - ps[s]) if lower else (ps[s] - qs[s])) for s in ps if s in qs]
+
+
+def verdict(t: dict[str, Any]) -> str:
+    return "yes" if t["clearly_better"] else ("better, within noise" if t["pretrained_better"] else "no")
+
+
+def markdown(table: list[dict[str, Any]], steps: int, seeds: tuple[int, ...] = (0,)) -> str:
+    pooled = len(seeds) > 1
     lines = [f"Pretrained vs random backbone, same head, data and {steps} finetuning steps (lower EER, higher UA is better;",
              "gain in points, positive = pretrained better; clear = gain beyond two standard errors of a paired",
-             "bootstrap over the test speakers).", "",
-             "| task | modality | metric | pretrained | random | gain | clear margin |", "| --- | --- | --- | --- | --- | --- | --- |"]
+             "bootstrap over the test speakers)."]
+    if pooled:
+        lines += [f"Finetuned heads: one per seed ({', '.join(map(str, seeds))}); each clip's scores are averaged over the",
+                  "seeds before the verdict. 'per seed' lists each seed's own gain (zero-shot rows have no head)."]
+    head = "| task | modality | metric | pretrained | random | gain | clear margin |" + (" per seed |" if pooled else "")
+    lines += ["", head, "| --- " * (head.count("|") - 1) + "|"]
     for t in table:
-        verdict = "yes" if t["clearly_better"] else ("better, within noise" if t["pretrained_better"] else "no")
-        lines.append(f"| {t['task']} | {t['mode']} | {t['metric']} | {t['pretrained']:.1f} | {t['random']:.1f} | "
-                     f"{t['gain']:+.1f} (±{t['clear_margin']:.1f}) | {verdict} |")
+        line = (f"| {t['task']} | {t['mode']} | {t['metric']} | {t['pretrained']:.1f} | {t['random']:.1f} | "
+                f"{t['gain']:+.1f} (±{t['clear_margin']:.1f}) | {verdict(t)} |")
+        if pooled:
+            line += f" {' / '.join(f'{g:+.1f}' for g in t['seed_gains']) or '-'} |"
+        lines.append(line)
     return "\n".join(lines) + "\n"

@@ -226,6 +226,32 @@ def test_prove_compares_pretrained_and_random_and_names_runs_by_the_release(worl
         next(t["gain"] for t in proof["table"] if (t["task"], t["mode"]) == ("emotion", "AV")))
     assert {"proof.speaker_zero_shot.v.clear_margin", "proof.emotion.a.random"} <= set(run.data.metrics)
 
+    # --seeds 0 1: seed 0's runs are resumed (same recipe hash), seed 1 trains one head per backbone,
+    # and each clip's class probabilities are averaged over the two heads before the verdict.
+    from avssl.finetune.evaluate import headline
+
+    pooled_out = tmp_path / "pooled"
+    assert main(["prove", "--pretrained", str(release), "--data", str(world["corpus"]), "--steps", "4", "--tasks", "emotion",
+                 "--seeds", "0", "1", "--storage", str(storage), "--out", str(pooled_out),
+                 *sets(*shape, f"mlflow.tracking_uri={world['uri']}")]) == 0
+    printed = capsys.readouterr().out
+    pooled = json.loads((pooled_out / "proof.json").read_text())
+    assert pooled["seeds"] == [0, 1]
+    assert len([p for p in storage.iterdir() if p.name.startswith("prove-")]) == 4
+    single = {(t["task"], t["mode"]): t for t in proof["table"]}
+    for t in pooled["table"]:
+        if t["task"] == "emotion":
+            assert len(t["seed_gains"]) == 2 and t["seed_gains"][0] == pytest.approx(single[("emotion", t["mode"])]["gain"])
+            assert f"{t['seed_gains'][1]:+.1f}" in printed  # the table's per-seed column (wrapped to the capture's width)
+        else:
+            assert t["seed_gains"] == [] and t["gain"] == pytest.approx(single[(t["task"], t["mode"])]["gain"])
+    for r in pooled["rows"]:
+        if r["task"] == "emotion":
+            assert Path(r["scores"]).parent.name == f"emotion_{r['init']}" and r["value"] == pytest.approx(headline(r["scores"]))
+            assert [s["seed"] for s in r["seeds"]] == [0, 1] and Path(r["seeds"][1]["scores"]).parent.name == "seed1"
+            assert any(c.startswith("p_") for c in read_scores(r["scores"]))  # pooled class probabilities
+    assert "| per seed |" in (pooled_out / "proof.md").read_text()
+
 
 def proof_run_id(printed: str) -> str:
     import re

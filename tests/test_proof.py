@@ -8,8 +8,8 @@ import pytest
 from avssl import AvsslError
 from avssl.config import load_config
 from avssl.finetune import metrics as M
-from avssl.finetune.evaluate import read_scores, write_scores
-from avssl.finetune.proof import REPO_CONFIGS, comparison, paired_gain, recipe_tag
+from avssl.finetune.evaluate import headline, pool_scores, read_scores, write_scores
+from avssl.finetune.proof import REPO_CONFIGS, comparison, markdown, paired_gain, recipe_tag
 from avssl.finetune.recipe import FinetuneRecipe
 
 
@@ -91,3 +91,81 @@ def test_recipe_tag_follows_corpus_content_not_paths(tmp_path):
     assert tag(tmp_path / "a", tmp_path / "runs", "trainer.name=y") == base
     assert tag(tmp_path / "other", tmp_path / "runs") != base
     assert tag(tmp_path / "a", tmp_path / "runs", "trainer.total_steps=7") != base
+
+
+def test_pooling_averages_each_samples_scores_across_files_in_any_order(tmp_path):
+    """Spoof (binary) files: the pooled score of a clip is the mean of its scores, matched by key;
+    the headline of the pooled file is the EER of those means."""
+    rng = np.random.default_rng(1)
+    labels = np.tile([1, 1, 1, 1, 1, 1, 0, 0], 4)
+    runs = [labels * 1.0 + rng.normal(0, 1.5, 32) for _ in range(3)]
+    paths = []
+    for k, s in enumerate(runs):
+        (tmp_path / f"s{k}").mkdir()
+        paths += write_scores(_spoof_raw(s, order=rng.permutation(32)), tmp_path / f"s{k}")
+    pooled = pool_scores(paths, tmp_path / "pooled.tsv")
+    got = read_scores(pooled)
+    by_key = dict(zip(got["key"], np.array(got["score"], dtype=float)))
+    keys = [f"spk{i // 8:02d}/utt{i % 8:02d}" for i in range(32)]
+    np.testing.assert_allclose([by_key[k] for k in keys], np.mean(runs, axis=0), rtol=1e-6)
+    assert headline(pooled) == pytest.approx(M.eer(np.mean(runs, axis=0), labels).eer)
+    assert headline(paths[0]) == pytest.approx(M.eer(runs[0], labels).eer)
+    (tmp_path / "other").mkdir()
+    (path,) = write_scores(_spoof_raw(runs[0][:24]), tmp_path / "other")
+    with pytest.raises(AvsslError, match="score different samples"):
+        pool_scores([paths[0], path], tmp_path / "bad.tsv")
+
+
+def test_emotion_files_carry_probabilities_and_pool_them_into_a_new_prediction(tmp_path):
+    """Two heads that disagree: the pooled prediction is the argmax of the mean probabilities
+    (not a vote on labels), and UA is recomputed from it."""
+    classes = ["ANG", "HAP", "SAD"]
+    truth = ["ANG", "HAP", "SAD", "ANG"]
+    probs = [np.array([[0.5, 0.4, 0.1], [0.1, 0.8, 0.1], [0.6, 0.0, 0.4], [0.2, 0.7, 0.1]]),
+             np.array([[0.1, 0.8, 0.1], [0.2, 0.7, 0.1], [0.0, 0.2, 0.8], [0.7, 0.2, 0.1]])]
+    paths = []
+    for k, p in enumerate(probs):
+        pred = [classes[i] for i in p.argmax(1)]
+        raw = {"v": {"keys": [f"spk{i}/u{i}" for i in range(4)], "speakers": [f"spk{i}" for i in range(4)],
+                     "labels": truth, "predictions": pred, "classes": classes, "probabilities": p}}
+        (tmp_path / f"s{k}").mkdir()
+        paths += write_scores(raw, tmp_path / f"s{k}")
+    assert paths[0].read_text().splitlines()[0] == "key\tspeaker\tlabel\tprediction\tp_ANG\tp_HAP\tp_SAD"
+    assert read_scores(paths[0])["p_HAP"][1] == "0.8"
+    pooled = read_scores(pool_scores(paths, tmp_path / "pooled.tsv"))
+    # mean rows: [.3 .6 .1] HAP, [.15 .75 .1] HAP, [.3 .1 .6] SAD, [.45 .45 .1] ANG (argmax takes the first)
+    assert pooled["prediction"] == ["HAP", "HAP", "SAD", "ANG"]
+    assert headline(tmp_path / "pooled.tsv") == pytest.approx((0.5 + 1 + 1) / 3)
+    assert headline(paths[0]) == pytest.approx((0.5 + 1 + 0) / 3)  # ANG 1/2, HAP 1, SAD 0 (predicted ANG)
+    old = tmp_path / "old.tsv"  # a file of an earlier version: labels only
+    old.write_text("key\tspeaker\tlabel\tprediction\nspk0/u0\tspk0\tANG\tANG\n")
+    assert read_scores(old)["prediction"] == ["ANG"]
+    with pytest.raises(AvsslError, match="without class probabilities cannot be pooled"):
+        pool_scores([old, old], tmp_path / "x.tsv")
+
+
+def test_comparison_and_markdown_report_each_seeds_gain(tmp_path):
+    rng = np.random.default_rng(2)
+    labels = np.tile([1, 1, 1, 1, 1, 1, 0, 0], 8)
+    files = {}
+    for name, s in (("p", labels * 2.0 + rng.normal(0, 1, 64)), ("q", rng.normal(0, 1, 64))):
+        (tmp_path / name).mkdir()
+        (files[name],) = write_scores(_spoof_raw(s), tmp_path / name)
+    seeds = lambda values: [{"seed": k, "value": v, "scores": ""} for k, v in enumerate(values)]  # noqa: E731
+    rows = [{"task": "spoof", "mode": "v", "init": "pretrained", "metric": "eer", "value": headline(files["p"]),
+             "n": 16, "scores": str(files["p"]), "seeds": seeds([0.10, 0.20])},
+            {"task": "spoof", "mode": "v", "init": "random", "metric": "eer", "value": headline(files["q"]),
+             "n": 16, "scores": str(files["q"]), "seeds": seeds([0.30, 0.25])}]
+    (row,) = comparison(rows, resamples=100)
+    assert row["seed_gains"] == pytest.approx([20.0, 5.0])
+    text = markdown([row], 100, (0, 1))
+    assert "per seed |" in text and "| +20.0 / +5.0 |" in text and "seeds before the verdict" in text
+    assert "per seed" not in markdown([row], 100)
+
+
+def test_seeds_and_a_fixed_head_seed_conflict_before_any_work(tmp_path):
+    from avssl.finetune.proof import prove
+
+    with pytest.raises(AvsslError, match="--set trainer.seed and --seeds both choose the head seed"):
+        prove(tmp_path, tmp_path, tmp_path / "out", 4, tmp_path, overrides=["trainer.seed=3"], seeds=(0, 1))
+    assert not (tmp_path / "out").exists()
