@@ -240,7 +240,7 @@ def cmd_predict(args: argparse.Namespace) -> None:
 
 
 def cmd_prove(args: argparse.Namespace) -> None:
-    from avssl.finetune.proof import prove
+    from avssl.finetune.proof import prove, seed_gains_text
 
     result = prove(Path(args.pretrained), Path(args.data), Path(args.out), args.steps, Path(args.storage), tuple(args.tasks),
                    args.overrides, tuple(args.seeds))
@@ -254,7 +254,7 @@ def cmd_prove(args: argparse.Namespace) -> None:
                    else "[yellow]within noise[/yellow]" if t["pretrained_better"] else "[red]no[/red]")
         table.add_row(t["task"], t["mode"], t["metric"], f"{t['pretrained']:.1f}", f"{t['random']:.1f}",
                       f"{t['gain']:+.1f} (±{t['clear_margin']:.1f})", verdict,
-                      *((" / ".join(f"{g:+.1f}" for g in t["seed_gains"]) or "-",) if pooled else ()))
+                      *((seed_gains_text(t),) if pooled else ()))
     console.print(table)
     console.print(f"written: {Path(args.out) / 'proof.md'}, {Path(args.out) / 'proof.json'}; "
                   f"MLflow run {result['mlflow_run_id']} (experiment avssl-proof)")

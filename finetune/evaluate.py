@@ -262,6 +262,7 @@ def pool_scores(paths: list[Path], out: Path) -> Path:
     if "score" not in first and not probs:
         raise AvsslError(f"{paths[0]}: emotion scores without class probabilities cannot be pooled; re-run "
                          "`avssl evaluate` (or `avssl prove`) with this version to write them")
+    cols = ["score"] if "score" in first else probs
     values = []
     for path, f in zip(paths, files):
         if list(f) != header or sorted(f["key"]) != sorted(keys):
@@ -269,7 +270,6 @@ def pool_scores(paths: list[Path], out: Path) -> Path:
                              "of one task, mode, split and trial list")
         order = {k: i for i, k in enumerate(f["key"])}
         align = [order[k] for k in keys]
-        cols = ["score"] if "score" in first else probs
         values.append(np.array([[float(f[c][i]) for c in cols] for i in align], dtype=np.float64))
     mean = np.mean(values, axis=0)
     rows = {h: list(first[h]) for h in header}

@@ -230,6 +230,11 @@ def seed_gains(p: dict[str, Any], q: dict[str, Any], lower: bool) -> list[float]
     return [100 * ((qs[s] - ps[s]) if lower else (ps[s] - qs[s])) for s in ps if s in qs]
 
 
+def seed_gains_text(t: dict[str, Any]) -> str:
+    """A table line's per-seed gains as printed: "+3.1 / +2.2 / +4.5", or "-" (zero-shot rows)."""
+    return " / ".join(f"{g:+.1f}" for g in t["seed_gains"]) or "-"
+
+
 def verdict(t: dict[str, Any]) -> str:
     return "yes" if t["clearly_better"] else ("better, within noise" if t["pretrained_better"] else "no")
 
@@ -248,6 +253,6 @@ def markdown(table: list[dict[str, Any]], steps: int, seeds: tuple[int, ...] = (
         line = (f"| {t['task']} | {t['mode']} | {t['metric']} | {t['pretrained']:.1f} | {t['random']:.1f} | "
                 f"{t['gain']:+.1f} (±{t['clear_margin']:.1f}) | {verdict(t)} |")
         if pooled:
-            line += f" {' / '.join(f'{g:+.1f}' for g in t['seed_gains']) or '-'} |"
+            line += f" {seed_gains_text(t)} |"
         lines.append(line)
     return "\n".join(lines) + "\n"
