@@ -49,12 +49,18 @@ def random_backbone_release(pretrained: Path, out: Path) -> Path:
 
 
 def release_tag(release: Path) -> str:
-    """A short content hash of a release's weights: proof runs are named by it, so re-running the
-    proof after a new pretraining trains afresh instead of resuming the old backbone's runs."""
+    """A short content hash of a release's weights and feature settings: proof runs are named by
+    it, so re-running the proof after a new pretraining trains afresh instead of resuming the old
+    backbone's runs, while the random backbone (the same weights for every release of one
+    architecture) keeps its tag, and its runs are resumed, across releases of one corpus."""
     import hashlib
 
+    from avssl.cluster.export import FEATURES_FILE
+
     digest = hashlib.sha256()
-    for path in sorted(Path(release).glob("*.safetensors")):
+    for path in [*sorted(Path(release).glob("*.safetensors")), Path(release) / FEATURES_FILE]:
+        if not path.is_file():
+            continue
         with open(path, "rb") as f:
             for block in iter(lambda: f.read(1 << 20), b""):
                 digest.update(block)
@@ -98,6 +104,7 @@ def prove(pretrained: Path, corpus: Path, out: Path, steps: int, storage: Path, 
     out.mkdir(parents=True, exist_ok=True)
     tag = release_tag(pretrained)
     random_release = random_backbone_release(pretrained, out / f"random_backbone-{tag}")
+    tags = {"pretrained": tag, "random": release_tag(random_release)}
     rows: list[dict[str, Any]] = []
     for init_name, release in (("pretrained", pretrained), ("random", random_release)):
         zs = evaluate(release, corpus, out / f"zeroshot_{init_name}", zero_shot=True)
@@ -115,7 +122,7 @@ def prove(pretrained: Path, corpus: Path, out: Path, steps: int, storage: Path, 
                     f"trainer.checkpoint_every={steps}", f"init.source={release}", f"mlflow.experiment=avssl-proof",
                     *(overrides or []), *seed_set,
                 ])
-                name = f"prove-{task}-{init_name}-{tag}-{recipe_tag(recipe)}"
+                name = f"prove-{task}-{init_name}-{tags[init_name]}-{recipe_tag(recipe)}"
                 recipe = recipe.model_copy(update={"trainer": recipe.trainer.model_copy(update={"name": name})})
                 result = run_finetuning(recipe)
                 seed_dir = report_dir / f"seed{seed}" if len(seeds) > 1 else report_dir

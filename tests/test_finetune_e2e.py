@@ -216,7 +216,9 @@ def test_prove_compares_pretrained_and_random_and_names_runs_by_the_release(worl
     assert read_scores(out / "emotion_pretrained" / "scores_a.tsv")["key"]  # what the verdicts were computed from
     tag = release_tag(release)
     names = sorted(p.name for p in storage.iterdir() if p.name.startswith("prove-"))
-    assert [n.rsplit("-", 1)[0] for n in names] == [f"prove-emotion-pretrained-{tag}", f"prove-emotion-random-{tag}"]
+    random_tag = release_tag(out / f"random_backbone-{tag}")  # the random weights' own hash
+    assert random_tag != tag
+    assert [n.rsplit("-", 1)[0] for n in names] == [f"prove-emotion-pretrained-{tag}", f"prove-emotion-random-{random_tag}"]
     assert len({n.rsplit("-", 1)[1] for n in names}) == 1  # one recipe hash for the pair
     assert "| emotion | AV | UA % |" in (out / "proof.md").read_text()
     from mlflow.tracking import MlflowClient
@@ -251,6 +253,26 @@ def test_prove_compares_pretrained_and_random_and_names_runs_by_the_release(worl
             assert [s["seed"] for s in r["seeds"]] == [0, 1] and Path(r["seeds"][1]["scores"]).parent.name == "seed1"
             assert any(c.startswith("p_") for c in read_scores(r["scores"]))  # pooled class probabilities
     assert "| per seed |" in (pooled_out / "proof.md").read_text()
+
+    # Another release of the same architecture: its own pretrained runs, the random backbone's resumed.
+    from safetensors.torch import load_file, save_file
+
+    other = tmp_path / "other_release"
+    shutil.copytree(release, other)
+    weights = next(other.glob("*.safetensors"))
+    tensors = load_file(weights)
+    first = sorted(tensors)[0]
+    tensors[first] = tensors[first] + 0.01
+    save_file(tensors, weights, metadata={"format": "pt"})
+    before = {p.name for p in storage.iterdir() if p.name.startswith("prove-")}
+    assert main(["prove", "--pretrained", str(other), "--data", str(world["corpus"]), "--steps", "4", "--tasks", "emotion",
+                 "--storage", str(storage), "--out", str(tmp_path / "other_report"),
+                 *sets(*shape, f"mlflow.tracking_uri={world['uri']}")]) == 0
+    added = {p.name for p in storage.iterdir() if p.name.startswith("prove-")} - before
+    assert [n.rsplit("-", 1)[0] for n in added] == [f"prove-emotion-pretrained-{release_tag(other)}"]
+    again = json.loads((tmp_path / "other_report" / "proof.json").read_text())
+    assert {t["mode"]: t["random"] for t in again["table"] if t["task"] == "emotion"} == pytest.approx(
+        {t["mode"]: t["random"] for t in proof["table"] if t["task"] == "emotion"})
 
 
 def proof_run_id(printed: str) -> str:

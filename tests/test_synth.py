@@ -266,6 +266,25 @@ def test_each_attack_leaves_its_artefact():
     assert max(high_band(b) for b, _ in seen["A03"]) > 0.005 and len(np.unique(seen["A03"][0][0])) > 2**6
 
 
+def test_partial_spoof_switches_voice_once_in_the_middle_third():
+    """A05 keeps the bona fide clip (up to a gain) before its cut in the middle third and is another
+    speaker's rendering of the same words after it; the donor is recorded and is not the speaker."""
+    cfg = SynthConfig(**{**SMALL, "num_speakers": 3, "heldout_speakers": 2, "spoof_fraction": 1.0,
+                         "attacks": ["A05"], "video": False})
+    by_id, pairs = {}, []
+    for c in generate(cfg):
+        by_id[c.meta.utterance] = c
+        if c.meta.spoof == "spoof":
+            pairs.append((by_id[c.meta.extra["bonafide_of"]], c))
+    assert pairs and all(s.meta.attack == "A05" for _, s in pairs)
+    for bona, spoof in pairs:
+        assert spoof.meta.extra["voice_source"] != bona.meta.speaker
+        n = bona.audio.size
+        head, tail = slice(0, n // 3), slice(2 * n // 3 + 200, n)  # 200 samples: past the 10 ms crossfade
+        assert np.corrcoef(bona.audio[head], spoof.audio[head])[0, 1] > 0.999
+        assert abs(np.corrcoef(bona.audio[tail], spoof.audio[tail])[0, 1]) < 0.9
+
+
 # --- config validation -----------------------------------------------------------------------
 
 

@@ -32,7 +32,8 @@ parallel (`generate_utterance`). The generative model:
   `<bona fide id>-<attack>`, and the bona fide speaker, emotion and split. A spoof shares the
   bona fide clip's video array (the same object: treat clip arrays as read-only), or with
   `spoof_video="faceswap"` the same face re-rendered with another speaker's inner face (an
-  audio-visual deepfake, so that video-only spoof detection has something to find).
+  audio-visual deepfake, so that video-only spoof detection has something to find). The face's
+  donor also lends its voice to the partial spoof A05.
 - Splits. The last `heldout_speakers` speakers are "test"; `trials` draws VoxCeleb-style
   verification trials from their bona fide utterances only. A `val_fraction` of each train
   speaker's utterances are "val", the rest "train".
@@ -59,6 +60,7 @@ ATTACKS: dict[str, str] = {
     "A02": "flattened prosody: resynthesized on a monotone at the utterance's mean F0, no jitter or tremor",
     "A03": "band-limited codec: 3.4 kHz low-pass and 6-bit mu-law quantization",
     "A04": "replay: loudspeaker band-pass and a reverberant room",
+    "A05": "partial spoof: from a point in the middle third on, the same words in another speaker's voice",
 }
 
 # Distinct first entropy words keep the random streams of speakers, clips, spoof selection,
@@ -680,9 +682,23 @@ def _fit_length(x: np.ndarray, n: int) -> np.ndarray:
     return x[:n] if x.size >= n else np.pad(x, (0, n - x.size))
 
 
+def _attack_splice(
+    audio: np.ndarray, plan: _Plan, donor: Voice, sr: int, noise_seed: np.random.SeedSequence,
+    rng: np.random.Generator,
+) -> np.ndarray:
+    """The same plan (words, timing, prosody, noise) rendered in the donor's voice replaces the clip
+    from a random point in its middle third on, with a 10 ms crossfade: a partial spoof, whose
+    only cue is the change of voice (F0 level, formants, timbre) inside one utterance."""
+    other = _render_audio(plan, donor, sr, noise_seed)[0].astype(np.float64)
+    n = audio.size
+    cut, fade = int(rng.integers(n // 3, 2 * n // 3)), round(0.01 * sr)
+    mix = np.clip((np.arange(n) - cut) / fade, 0.0, 1.0)
+    return (1.0 - mix) * audio + mix * other
+
+
 def _spoof_audio(
     attack: str, audio: np.ndarray, plan: _Plan, voice: Voice, sr: int,
-    noise_seed: np.random.SeedSequence, spoof_seed: np.random.SeedSequence,
+    noise_seed: np.random.SeedSequence, spoof_seed: np.random.SeedSequence, donor: Voice,
 ) -> np.ndarray:
     rng = np.random.default_rng(spoof_seed)
     if attack == "A01":
@@ -693,6 +709,8 @@ def _spoof_audio(
         out = _attack_codec(audio.astype(np.float64), sr)
     elif attack == "A04":
         out = _attack_replay(audio.astype(np.float64), rng, sr)
+    elif attack == "A05":
+        out = _attack_splice(audio.astype(np.float64), plan, donor, sr, noise_seed, rng)
     else:
         raise KeyError(f"attack {attack!r} has no implementation; known: {sorted(ATTACKS)}")
     return (out * plan.peak / max(float(np.max(np.abs(out))), 1e-9)).astype(np.float32)
@@ -888,14 +906,18 @@ def generate_utterance(
 
     attack = _attacks_of(cfg, speaker_index).get(utterance_index)
     if attack is not None:
-        spoofed = _spoof_audio(attack, audio, plan, profile.voice, sr, noise_seed, spoof_seed)
+        # The donor of a swapped face and a spliced voice (A05): another speaker, chosen by
+        # utterance so that a target gets several.
+        source = (speaker_index + 1 + utterance_index % max(cfg.num_speakers - 1, 1)) % cfg.num_speakers
+        donor = _speaker(cfg, source)
+        spoofed = _spoof_audio(attack, audio, plan, profile.voice, sr, noise_seed, spoof_seed, donor.voice)
         spoof_extra = {**extra, "bonafide_of": utt}
+        if attack == "A05":
+            spoof_extra["voice_source"] = donor.id
         spoof_video = video
         if video is not None and cfg.spoof_video == "faceswap":
-            # The source face: another speaker, chosen by utterance so a target gets several.
-            source = (speaker_index + 1 + utterance_index % (cfg.num_speakers - 1)) % cfg.num_speakers
-            spoof_extra["face_source"] = _speaker_id(source)
-            spoof_video = render_face(_speaker(cfg, source).face.skin)
+            spoof_extra["face_source"] = donor.id
+            spoof_video = render_face(donor.face.skin)
         spoof_meta = replace(meta, utterance=f"{utt}-{attack}", spoof="spoof", attack=attack, extra=spoof_extra)
         clips.append(Clip(meta=spoof_meta, audio=spoofed, video=spoof_video))
     return clips
