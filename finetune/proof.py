@@ -49,16 +49,19 @@ def random_backbone_release(pretrained: Path, out: Path) -> Path:
 
 
 def release_tag(release: Path) -> str:
-    """A short content hash of a release's weights and feature settings: proof runs are named by
-    it, so re-running the proof after a new pretraining trains afresh instead of resuming the old
-    backbone's runs, while the random backbone (the same weights for every release of one
-    architecture) keeps its tag, and its runs are resumed, across releases of one corpus."""
+    """A short content hash of a release's weights, model config and feature settings: proof runs
+    are named by it, so re-running the proof after a new pretraining trains afresh instead of
+    resuming the old backbone's runs, while the random backbone (the same weights for every release
+    of one config) keeps its tag, and its runs are resumed, across releases of one recipe and
+    corpus. The config is in the hash because some of its fields change the forward pass without
+    changing the weights (hidden_act, layer_norm_eps, dropout)."""
     import hashlib
 
     from avssl.cluster.export import FEATURES_FILE
 
     digest = hashlib.sha256()
-    for path in [*sorted(Path(release).glob("*.safetensors")), Path(release) / FEATURES_FILE]:
+    release = Path(release)
+    for path in [*sorted(release.glob("*.safetensors")), release / "config.json", release / FEATURES_FILE]:
         if not path.is_file():
             continue
         with open(path, "rb") as f:

@@ -9,7 +9,7 @@ from avssl import AvsslError
 from avssl.config import load_config
 from avssl.finetune import metrics as M
 from avssl.finetune.evaluate import headline, pool_scores, read_scores, write_scores
-from avssl.finetune.proof import REPO_CONFIGS, comparison, markdown, paired_gain, recipe_tag
+from avssl.finetune.proof import REPO_CONFIGS, comparison, markdown, paired_gain, recipe_tag, release_tag
 from avssl.finetune.recipe import FinetuneRecipe
 
 
@@ -91,6 +91,25 @@ def test_recipe_tag_follows_corpus_content_not_paths(tmp_path):
     assert tag(tmp_path / "a", tmp_path / "runs", "trainer.name=y") == base
     assert tag(tmp_path / "other", tmp_path / "runs") != base
     assert tag(tmp_path / "a", tmp_path / "runs", "trainer.total_steps=7") != base
+
+
+def test_release_tag_hashes_weights_config_and_features_only(tmp_path):
+    """Runs are keyed by what changes a backbone's output: its weights, its model config (some
+    fields change the forward pass, not the weights) and its feature settings; nothing else."""
+    release = tmp_path / "release"
+    release.mkdir()
+    files = {"model.safetensors": b"weights", "config.json": b'{"hidden_act": "gelu"}',
+             "avssl_features.json": b'{"fbank_stats": {"mean": -6.6}}'}
+    for name, data in files.items():
+        (release / name).write_bytes(data)
+    tag = release_tag(release)
+    (release / "README.md").write_text("a model card")
+    assert release_tag(release) == tag
+    for name, data in files.items():
+        (release / name).write_bytes(data + b" ")
+        assert release_tag(release) != tag, name
+        (release / name).write_bytes(data)
+    assert release_tag(release) == tag
 
 
 def test_pooling_averages_each_samples_scores_across_files_in_any_order(tmp_path):
