@@ -172,6 +172,12 @@ def test_bona_fide_only_drops_spoofs_before_decoding(corpus):
     utts = [m["utterance"] for b in batches for m in b["meta"]]
     assert len(utts) == len(set(utts)) == 24 - 5 and all(b["is_spoof"].sum() == 0 for b in batches)
     assert sum(b["skipped"] for b in batches) == 0  # filtered, not counted as corrupt
+    # The index counts bona fide samples, so a resampled epoch spans the bona fide data once,
+    # not the spoofs it never yields too.
+    assert CorpusIndex.load(corpus).count("train", bona_fide_only=True) == 24 - 5
+    resampled = data.model_copy(update={"resampled": True})
+    assert len(StreamingLoader(resampled, FEATURES)) == (24 - 5) // 4
+    assert len(StreamingLoader(resampled.model_copy(update={"bona_fide_only": False}), FEATURES)) == 24 // 4
 
 
 def test_audio_only_config_drops_video(corpus):

@@ -302,7 +302,7 @@ class StreamingLoader:
         index = CorpusIndex.load(data.corpus)
         stats = load_stats(Path(data.corpus))
         stats.check_matches(features, str(Path(data.corpus) / "stats.json"))
-        count = index.count(data.split)
+        count = index.count(data.split, data.bona_fide_only)
         shards = rank_shards(index.shards(data.split), rank, world_size, data.resampled)
         if data.resampled:
             self.steps = data.steps_per_epoch or max(1, count // (data.batch_size * world_size))

@@ -96,6 +96,7 @@ class CorpusWriter:
     _done: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
     _keys: set[str] = field(default_factory=set)
     _speakers: dict[str, set[str]] = field(default_factory=dict)
+    _bona_fide: dict[str, int] = field(default_factory=dict)
     _index: Path | None = None
 
     def __post_init__(self) -> None:
@@ -142,6 +143,7 @@ class CorpusWriter:
             raise AvsslError(f"duplicate utterance id {clip.meta.utterance!r}: ids must be unique in a corpus")
         self._keys.add(key)
         self._speakers.setdefault(split, set()).add(clip.meta.speaker)
+        self._bona_fide[split] = self._bona_fide.get(split, 0) + (clip.meta.spoof != "spoof")
         members = encode_clip(clip)
         shard = self._shard(split)
         for ext, data in members.items():
@@ -166,6 +168,7 @@ class CorpusWriter:
             "splits": {
                 split: {
                     "count": sum(s["count"] for s in shards),
+                    "bona_fide": self._bona_fide.get(split, 0),
                     "speakers": sorted(self._speakers.get(split, ())),
                     "shards": shards,
                 }
@@ -199,8 +202,11 @@ class CorpusIndex:
     def splits(self) -> list[str]:
         return list(self.data["splits"])
 
-    def count(self, split: str) -> int:
-        return self._split(split)["count"]
+    def count(self, split: str, bona_fide_only: bool = False) -> int:
+        """Samples of a split; with `bona_fide_only` its bona fide ones (indexes written before
+        the writer recorded them count every sample)."""
+        entry = self._split(split)
+        return entry.get("bona_fide", entry["count"]) if bona_fide_only else entry["count"]
 
     def speakers(self, split: str) -> list[str]:
         """Sorted speaker ids of a split (recorded by the writer; read from the samples for older indexes)."""
