@@ -1,8 +1,8 @@
 """Writing and reading corpus shards (webdataset tar files) and the corpus index.
 
 A corpus directory holds, for every split, tar shards `<split>-NNNNNN.tar` of about
-`target_mb` each, an `index.json` with per-shard sample counts (so loaders know the epoch size
-without reading the data), `stats.json` (fbank normalization), and optional `trials/*.txt`
+`target_mb` each, an `index.json` with per-shard sample counts and each split's bona fide count
+(so loaders know the epoch size without reading the data, also when they drop spoofs), `stats.json` (fbank normalization), and optional `trials/*.txt`
 (VoxCeleb-format verification trials). Shards are written under a temporary name and renamed
 when complete, and the index is written last: a crash never leaves a corpus that looks whole.
 """
