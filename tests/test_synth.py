@@ -157,6 +157,19 @@ def test_spoofs_follow_fraction_use_every_attack_and_keep_labels(small_cfg, clip
     assert all(c.meta.attack == "-" for c in clips if c.meta.spoof == "bonafide")
 
 
+def test_heldout_spoof_fraction_sets_the_test_splits_share_alone():
+    """`heldout_spoof_fraction` spoofs the held-out speakers' clips at its own rate; train speakers
+    keep `spoof_fraction`, and `num_clips` counts both."""
+    cfg = SynthConfig(**{**SMALL, "spoof_fraction": 0.0, "heldout_spoof_fraction": 1.0, "video": False})
+    clips = list(generate(cfg))
+    assert len(clips) == num_clips(cfg) == 6 * 6 + 2 * 6
+    spoofs = Counter(c.meta.split for c in clips if c.meta.spoof == "spoof")
+    assert spoofs == {"test": 2 * 6}
+    assert {c.meta.attack for c in clips if c.meta.spoof == "spoof"} == set(cfg.attacks)
+    unset = SynthConfig(**{**SMALL, "video": False})
+    assert num_clips(unset) == 6 * 6 + 6 * 3  # unset: every speaker at spoof_fraction 0.5
+
+
 def test_heldout_speakers_only_in_test_split(small_cfg, clips):
     """Held-out speakers are exactly the test split; train speakers appear only in train and val."""
     profiles = speakers(small_cfg)
@@ -298,6 +311,8 @@ def test_partial_spoof_switches_voice_once_in_the_middle_third():
         ({"sample_rate": 8000}, "sample_rate"),
         ({"attacks": ["A09"]}, "A09"),
         ({"attacks": ["A01", "A01"]}, "twice"),
+        ({"heldout_spoof_fraction": 1.5}, "heldout_spoof_fraction"),
+        ({"spoof_fraction": 0.0, "heldout_spoof_fraction": 0.5, "attacks": []}, "attack"),
         ({"spoof_fraction": 0.2, "attacks": []}, "attack"),
         ({"trials_per_speaker": 7}, "trials_per_speaker"),
         ({"num_speakers": "24"}, "num_speakers"),

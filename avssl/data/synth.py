@@ -27,8 +27,9 @@ parallel (`generate_utterance`). The generative model:
   (`audio_envelope`) and the count of mouth-cavity pixels (`mouth_opening`) correlate. Rounded
   vowels (o, u) narrow the mouth. Head motion, zoom, lighting, blinks and pixel noise are
   independent of the audio.
-- Spoofs. `spoof_fraction` of each speaker's bona fide utterances also appear spoofed by one
-  attack of `cfg.attacks` (see `ATTACKS`), labelled spoof with the attack id, utterance id
+- Spoofs. `spoof_fraction` of each speaker's bona fide utterances (`heldout_spoof_fraction` for
+  the held-out speakers, when set) also appear spoofed by one attack of `cfg.attacks` (see
+  `ATTACKS`), labelled spoof with the attack id, utterance id
   `<bona fide id>-<attack>`, and the bona fide speaker, emotion and split. A spoof shares the
   bona fide clip's video array (the same object: treat clip arrays as read-only), or with
   `spoof_video="faceswap"` the same face re-rendered with another speaker's inner face (an
@@ -86,6 +87,12 @@ class SynthConfig(Section):
     spoof_fraction: float = Field(
         0.3, ge=0.0, le=1.0, description="Fraction of each speaker's bona fide utterances also spoofed."
     )
+    heldout_spoof_fraction: float | None = Field(
+        None, ge=0.0, le=1.0,
+        description="Fraction of each held-out (test) speaker's bona fide utterances also spoofed; unset: "
+        "spoof_fraction. Lets the evaluation split carry many spoofs per attack (as ASVspoof's eval does) while "
+        "the training stream, which pretraining sees, keeps the share of spoof_fraction.",
+    )
     attacks: list[str] = Field(
         default_factory=lambda: ["A01", "A02", "A03"],
         description=f"Attack ids used round-robin for spoofs, from {sorted(ATTACKS)}.",
@@ -130,8 +137,8 @@ class SynthConfig(Section):
             raise ValueError(f"unknown attack ids {unknown}; known: {sorted(ATTACKS)}")
         if len(set(self.attacks)) != len(self.attacks):
             raise ValueError(f"attacks {self.attacks} lists an id twice")
-        if self.spoof_fraction > 0 and not self.attacks:
-            raise ValueError("spoof_fraction > 0 needs at least one attack id in attacks")
+        if max(self.spoof_fraction, self.heldout_spoof_fraction or 0.0) > 0 and not self.attacks:
+            raise ValueError("spoof_fraction or heldout_spoof_fraction > 0 needs at least one attack id in attacks")
         return self
 
 
@@ -285,7 +292,7 @@ def _speaker(cfg: SynthConfig, index: int) -> SpeakerProfile:
         lip_thick=height * float(rng.uniform(0.035, 0.05)),
         mouth_curv=float(rng.normal(0.0, 0.08)),
     )
-    split = "test" if index >= cfg.num_speakers - cfg.heldout_speakers else "train"
+    split = "test" if _is_heldout(cfg, index) else "train"
     return SpeakerProfile(id=_speaker_id(index), index=index, sex=sex, split=split, voice=voice, face=face)
 
 
@@ -833,13 +840,20 @@ def _num_samples(cfg: SynthConfig) -> int:
     return round(cfg.clip_seconds * cfg.sample_rate)
 
 
-def _spoofs_per_speaker(cfg: SynthConfig) -> int:
-    return int(math.floor(cfg.spoof_fraction * cfg.utterances_per_speaker + 0.5))
+def _is_heldout(cfg: SynthConfig, speaker_index: int) -> bool:
+    return speaker_index >= cfg.num_speakers - cfg.heldout_speakers
+
+
+def _spoofs_per_speaker(cfg: SynthConfig, speaker_index: int) -> int:
+    fraction = cfg.spoof_fraction
+    if cfg.heldout_spoof_fraction is not None and _is_heldout(cfg, speaker_index):
+        fraction = cfg.heldout_spoof_fraction
+    return int(math.floor(fraction * cfg.utterances_per_speaker + 0.5))
 
 
 def _attacks_of(cfg: SynthConfig, speaker_index: int) -> dict[int, str]:
     """Utterance index -> attack id for one speaker's spoofed utterances."""
-    count = _spoofs_per_speaker(cfg)
+    count = _spoofs_per_speaker(cfg, speaker_index)
     if count == 0 or not cfg.attacks:
         return {}
     chosen = np.random.default_rng([cfg.seed, _SPOOF_STREAM, speaker_index]).permutation(cfg.utterances_per_speaker)
@@ -933,7 +947,7 @@ def generate(cfg: SynthConfig) -> Iterator[Clip]:
 
 def num_clips(cfg: SynthConfig) -> int:
     """Exactly how many clips `generate(cfg)` yields."""
-    return cfg.num_speakers * (cfg.utterances_per_speaker + _spoofs_per_speaker(cfg))
+    return sum(cfg.utterances_per_speaker + _spoofs_per_speaker(cfg, s) for s in range(cfg.num_speakers))
 
 
 # ---------------------------------------------------------------------------------------------
