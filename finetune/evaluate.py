@@ -140,11 +140,7 @@ def evaluate_spoof(model, loader, modes, total, asv: tuple[np.ndarray, list[str]
         r = M.binary_report(scores, bona)
         if asv is not None and (bona == 1).any() and (bona == 0).any():
             r.update(tdcf_report(scores, bona, asv))
-        r["per_attack_eer"] = {
-            a: M.eer(np.concatenate([scores[bona == 1], scores[attacks == a]]),
-                     np.concatenate([np.ones(int((bona == 1).sum())), np.zeros(int((attacks == a).sum()))])).eer
-            for a in sorted(set(attacks) - {"-"})
-        } if (bona == 1).any() and (bona == 0).any() else {}
+        r["per_attack_eer"] = M.per_attack_eer(scores, bona, attacks)
         report[mode] = r
         raw[mode] = {"scores": scores, "labels": bona, "groups": np.where(bona == 1, "bonafide", attacks),
                      "keys": [m["utterance"] for m in d["meta"]], "speakers": [m["speaker"] for m in d["meta"]]}

@@ -132,6 +132,21 @@ def eer(scores: Any, labels: Any) -> EERResult:
     return EERResult(float(rate), float(threshold))
 
 
+def per_attack_eer(scores: Any, labels: Any, attacks: Sequence[str]) -> dict[str, float]:
+    """EER (`eer`) of all bona fide samples (label 1) against each attack's spoofs alone (label 0,
+    grouped by `attacks`, the attack id of every sample; bona fide ones are ignored):
+    {attack id: EER}, as ASVspoof's per-attack breakdown. Empty unless both classes are present."""
+    if len(np.unique(np.asarray(labels).reshape(-1))) < 2:
+        return {}
+    s, bona = _binary_inputs(scores, labels)
+    groups = np.asarray(attacks).astype(str).reshape(-1)
+    if groups.shape != s.shape:
+        raise ValueError(f"attacks has {groups.size} entries for {s.size} scores")
+    return {str(a): eer(np.concatenate([s[bona], s[~bona & (groups == a)]]),
+                        np.concatenate([np.ones(int(bona.sum())), np.zeros(int((~bona & (groups == a)).sum()))])).eer
+            for a in sorted(set(groups[~bona].tolist()))}
+
+
 def eer_asvspoof(scores: Any, labels: Any) -> EERResult:
     """EER as the ASVspoof evaluation package computes it: the operating point minimizing
     |FRR - FAR|, reporting (FRR + FAR) / 2 there and its threshold. (The package walks the

@@ -146,18 +146,19 @@ def prove(pretrained: Path, corpus: Path, out: Path, steps: int, storage: Path, 
                              "n": runs[0]["n"], "scores": str(pooled),
                              "seeds": [{"seed": r["seed"], "value": headline(r["scores"]), "scores": str(r["scores"])}
                                        for r in runs]})
-    table = comparison(rows)
+    table, attacks = comparison(rows), attack_table(rows)
     write_json(out / "proof.json", {"pretrained": str(pretrained), "corpus": str(corpus), "steps": steps,
-                                    "seeds": list(seeds), "rows": rows, "table": table})
-    atomic_write_text(out / "proof.md", markdown(table, steps, seeds))
-    run_id = log_proof(recipe, pretrained, tag, out, table, seeds)
-    return {"rows": rows, "table": table, "mlflow_run_id": run_id}
+                                    "seeds": list(seeds), "rows": rows, "table": table, "attacks": attacks})
+    atomic_write_text(out / "proof.md", markdown(table, steps, seeds, attacks))
+    run_id = log_proof(recipe, pretrained, tag, out, table, seeds, attacks)
+    return {"rows": rows, "table": table, "attacks": attacks, "mlflow_run_id": run_id}
 
 
 def log_proof(recipe: FinetuneRecipe, pretrained: Path, tag: str, out: Path, table: list[dict[str, Any]],
-              seeds: tuple[int, ...] = (0,)) -> str:
+              seeds: tuple[int, ...] = (0,), attacks: list[dict[str, Any]] | None = None) -> str:
     """One MLflow run (the finetuning runs' experiment and store) holding the table as metrics
-    (`proof.<task>.<modality>.{pretrained,random,gain,clear_margin}`) and proof.md / proof.json."""
+    (`proof.<task>.<modality>.{pretrained,random,gain,clear_margin}`, and per attack
+    `proof.spoof.<modality>.<attack>.{pretrained,random}`) and proof.md / proof.json."""
     from avssl.cluster.tracking import MlflowLogger, open_run, resolve_tracking_uri
 
     uri = resolve_tracking_uri(recipe.mlflow, recipe.trainer.storage_path)
@@ -170,6 +171,10 @@ def log_proof(recipe: FinetuneRecipe, pretrained: Path, tag: str, out: Path, tab
         key = f"proof.{t['task'].replace(' (zero-shot)', '_zero_shot')}.{t['mode'].lower()}"
         for field in ("pretrained", "random", "gain", "clear_margin"):
             metrics[f"{key}.{field}"] = float(t[field])
+    for a in attacks or []:
+        for attack, values in a["eer"].items():
+            for init, value in values.items():
+                metrics[f"proof.spoof.{a['mode'].lower()}.{attack}.{init}"] = float(value)
     logger.log_metrics(metrics, step=0)
     logger.log_artifact(out / "proof.md", "proof")
     logger.log_artifact(out / "proof.json", "proof")
@@ -232,6 +237,28 @@ def comparison(rows: list[dict[str, Any]], resamples: int = RESAMPLES) -> list[d
     return out
 
 
+def attack_table(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Spoof EER % per attack (metrics.per_attack_eer) of each modality's pooled score files:
+    [{"mode": "AV", "eer": {attack id: {"pretrained": %, "random": %}}}]. Which attacks the
+    pretrained features catch and which neither backbone does, behind each spoof row's one EER."""
+    files = {(r["mode"], r["init"]): Path(r["scores"]) for r in rows if r["task"] == "spoof"}
+    out = []
+    for (mode, init), path in files.items():
+        if init != "pretrained" or (mode, "random") not in files:
+            continue
+        per_init = {name: attack_eers(files[(mode, name)]) for name in ("pretrained", "random")}
+        attacks = sorted(set(per_init["pretrained"]) & set(per_init["random"]))
+        out.append({"mode": mode.upper(),
+                    "eer": {a: {name: 100 * per_init[name][a] for name in per_init} for a in attacks}})
+    return out
+
+
+def attack_eers(path: Path) -> dict[str, float]:
+    """{attack id: EER} of one spoof score file (its group column names each spoof's attack)."""
+    f = read_scores(path)
+    return M.per_attack_eer(np.array(f["score"], dtype=float), np.array(f["label"], dtype=int), f["group"])
+
+
 def seed_gains(p: dict[str, Any], q: dict[str, Any], lower: bool) -> list[float]:
     """Each head seed's own gain in points (rows from several seeds, matched by seed), else []."""
     ps, qs = {s["seed"]: s["value"] for s in p.get("seeds", [])}, {s["seed"]: s["value"] for s in q.get("seeds", [])}
@@ -249,7 +276,8 @@ def verdict(t: dict[str, Any]) -> str:
     return "yes" if t["clearly_better"] else ("better, within noise" if t["pretrained_better"] else "no")
 
 
-def markdown(table: list[dict[str, Any]], steps: int, seeds: tuple[int, ...] = (0,)) -> str:
+def markdown(table: list[dict[str, Any]], steps: int, seeds: tuple[int, ...] = (0,),
+             attacks: list[dict[str, Any]] | None = None) -> str:
     pooled = len(seeds) > 1
     lines = [f"Pretrained vs random backbone, same head, data and {steps} finetuning steps (lower EER, higher UA is better;",
              "gain in points, positive = pretrained better; clear = gain beyond two standard errors of a paired",
@@ -265,4 +293,12 @@ def markdown(table: list[dict[str, Any]], steps: int, seeds: tuple[int, ...] = (
         if pooled:
             line += f" {seed_gains_text(t)} |"
         lines.append(line)
+    names = sorted({k for a in attacks or [] for k in a["eer"]})
+    if names:
+        lines += ["", "Spoof EER % per attack (each attack's spoofs against all bona fide clips), pretrained / random:",
+                  "", "| modality | " + " | ".join(names) + " |", "| --- " * (len(names) + 1) + "|"]
+        for a in attacks:
+            cells = [f"{a['eer'][k]['pretrained']:.1f} / {a['eer'][k]['random']:.1f}" if k in a["eer"] else "-"
+                     for k in names]
+            lines.append(f"| {a['mode']} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"

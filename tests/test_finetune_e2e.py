@@ -208,6 +208,7 @@ def test_prove_compares_pretrained_and_random_and_names_runs_by_the_release(worl
     assert "emotion" in printed and "proof.md" in printed  # the rich table (wrapped to the capture's width)
     proof = json.loads((out / "proof.json").read_text())
     rows = {(t["task"], t["mode"]) for t in proof["table"]}
+    assert proof["attacks"] == []  # per-attack spoof EERs only when spoof is proved
     assert rows == {(task, mode) for task in ("emotion", "speaker (zero-shot)") for mode in ("AV", "A", "V")}
     for t in proof["table"]:
         assert t["gain"] == pytest.approx((t["pretrained"] - t["random"]) * (1 if t["metric"] == "UA %" else -1))

@@ -42,6 +42,21 @@ def test_eer_interpolates_where_asvspoof_takes_the_nearest_point():
     assert M.eer_asvspoof(scores, labels).eer == pytest.approx(0.125)
 
 
+def test_per_attack_eer_scores_each_attack_against_all_bona_fide():
+    """Bona fide 0.9, 0.8, 0.7, 0.2; attack X's spoofs 0.1, 0.05 lie below every bona fide clip (EER 0),
+    attack Y's 0.85, 0.75 interleave with them; one-class input gives no breakdown."""
+    scores = [0.9, 0.8, 0.7, 0.2, 0.1, 0.05, 0.85, 0.75]
+    labels = [1, 1, 1, 1, 0, 0, 0, 0]
+    attacks = ["-", "-", "-", "-", "X", "X", "Y", "Y"]
+    got = M.per_attack_eer(scores, labels, attacks)
+    assert set(got) == {"X", "Y"} and got["X"] == 0.0
+    assert got["Y"] == pytest.approx(M.eer([0.9, 0.8, 0.7, 0.2, 0.85, 0.75], [1, 1, 1, 1, 0, 0]).eer)
+    assert got["Y"] == pytest.approx(0.5)  # FRR = FAR = 1/2 at t = 0.8: 0.9 and 0.8 accepted, 0.85 accepted
+    assert M.per_attack_eer([0.1, 0.2], [1, 1], ["-", "-"]) == {}
+    with pytest.raises(ValueError, match="attacks has 1 entries for 8 scores"):
+        M.per_attack_eer(scores, labels, ["X"])
+
+
 def test_eer_tied_scores_move_together():
     """A target and a non-target tied at 0.5 form one operating point; the crossing lies between points."""
     # targets 0.9, 0.5; non-targets 0.5, 0.1:

@@ -9,7 +9,8 @@ from avssl import AvsslError
 from avssl.config import load_config
 from avssl.finetune import metrics as M
 from avssl.finetune.evaluate import headline, pool_scores, read_scores, write_scores
-from avssl.finetune.proof import REPO_CONFIGS, comparison, markdown, paired_gain, recipe_tag, release_tag
+from avssl.finetune.proof import (REPO_CONFIGS, attack_table, comparison, markdown, paired_gain, recipe_tag,
+                                  release_tag)
 from avssl.finetune.recipe import FinetuneRecipe
 
 
@@ -180,6 +181,37 @@ def test_comparison_and_markdown_report_each_seeds_gain(tmp_path):
     text = markdown([row], 100, (0, 1))
     assert "per seed |" in text and "| +20.0 / +5.0 |" in text and "seeds before the verdict" in text
     assert "per seed" not in markdown([row], 100)
+
+
+def test_attack_table_breaks_each_spoof_row_down_by_attack(tmp_path):
+    """Per modality, each attack's EER against all bona fide clips, from the same score files as the
+    verdict; proof.md shows it as "pretrained / random"; rows of other tasks are left out."""
+    rng = np.random.default_rng(3)
+    labels = np.tile([1, 1, 1, 1, 1, 1, 0, 0], 8)
+    groups = np.where(labels == 1, "bonafide", np.tile(["A01", "A01", "A01", "A01", "A01", "A01", "A01", "A05"], 8))
+    files = {}
+    for name, s in (("p", labels * 3.0 + rng.normal(0, 1, 64)), ("q", rng.normal(0, 1, 64))):
+        (tmp_path / name).mkdir()
+        raw = _spoof_raw(s)
+        raw["a"]["groups"] = groups
+        (files[name],) = write_scores(raw, tmp_path / name)
+    rows = [{"task": "spoof", "mode": "a", "init": init, "metric": "eer", "value": headline(files[k]), "n": 16,
+             "scores": str(files[k])} for init, k in (("pretrained", "p"), ("random", "q"))]
+    rows.append({"task": "emotion", "mode": "a", "init": "pretrained", "metric": "unweighted_accuracy", "value": 0.5,
+                 "n": 8, "scores": "unused"})
+    (a,) = attack_table(rows)
+    assert a["mode"] == "A" and set(a["eer"]) == {"A01", "A05"}
+    f = read_scores(files["q"])
+    bona = [float(x) for x, g in zip(f["score"], f["group"]) if g == "bonafide"]
+    a05 = [float(x) for x, g in zip(f["score"], f["group"]) if g == "A05"]
+    expected = 100 * M.eer(bona + a05, [1] * len(bona) + [0] * len(a05)).eer
+    assert a["eer"]["A05"]["random"] == pytest.approx(expected)
+    assert a["eer"]["A01"]["pretrained"] < a["eer"]["A01"]["random"]
+    table = comparison(rows, resamples=50)
+    text = markdown(table, 100, (0,), [a])
+    cell = f"{a['eer']['A05']['pretrained']:.1f} / {a['eer']['A05']['random']:.1f}"
+    assert "| modality | A01 | A05 |" in text and "| A | " in text and cell in text
+    assert "per attack" not in markdown(table, 100)
 
 
 def test_seeds_and_a_fixed_head_seed_conflict_before_any_work(tmp_path):
