@@ -240,7 +240,7 @@ def cmd_predict(args: argparse.Namespace) -> None:
 
 
 def cmd_prove(args: argparse.Namespace) -> None:
-    from avssl.finetune.proof import prove, seed_gains_text
+    from avssl.finetune.proof import attack_cells, prove, seed_gains_text
 
     result = prove(Path(args.pretrained), Path(args.data), Path(args.out), args.steps, Path(args.storage), tuple(args.tasks),
                    args.overrides, tuple(args.seeds))
@@ -256,14 +256,13 @@ def cmd_prove(args: argparse.Namespace) -> None:
                       f"{t['gain']:+.1f} (±{t['clear_margin']:.1f})", verdict,
                       *((seed_gains_text(t),) if pooled else ()))
     console.print(table)
-    names = sorted({k for a in result["attacks"] for k in a["eer"]})
+    names, cells = attack_cells(result["attacks"])
     if names:
         attacks = Table(title="spoof EER % per attack (its spoofs against all bona fide clips), pretrained / random")
         for col in ("modality", *names):
             attacks.add_column(col)
-        for a in result["attacks"]:
-            attacks.add_row(a["mode"], *(f"{a['eer'][k]['pretrained']:.1f} / {a['eer'][k]['random']:.1f}"
-                                         if k in a["eer"] else "-" for k in names))
+        for row in cells:
+            attacks.add_row(*row)
         console.print(attacks)
     console.print(f"written: {Path(args.out) / 'proof.md'}, {Path(args.out) / 'proof.json'}; "
                   f"MLflow run {result['mlflow_run_id']} (experiment avssl-proof)")

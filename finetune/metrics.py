@@ -142,9 +142,12 @@ def per_attack_eer(scores: Any, labels: Any, attacks: Sequence[str]) -> dict[str
     groups = np.asarray(attacks).astype(str).reshape(-1)
     if groups.shape != s.shape:
         raise ValueError(f"attacks has {groups.size} entries for {s.size} scores")
-    return {str(a): eer(np.concatenate([s[bona], s[~bona & (groups == a)]]),
-                        np.concatenate([np.ones(int(bona.sum())), np.zeros(int((~bona & (groups == a)).sum()))])).eer
-            for a in sorted(set(groups[~bona].tolist()))}
+    out = {}
+    for a in sorted(set(groups[~bona].tolist())):
+        spoof = ~bona & (groups == a)
+        out[str(a)] = eer(np.concatenate([s[bona], s[spoof]]),
+                          np.concatenate([np.ones(int(bona.sum())), np.zeros(int(spoof.sum()))])).eer
+    return out
 
 
 def eer_asvspoof(scores: Any, labels: Any) -> EERResult:

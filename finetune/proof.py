@@ -243,14 +243,21 @@ def attack_table(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     pretrained features catch and which neither backbone does, behind each spoof row's one EER."""
     files = {(r["mode"], r["init"]): Path(r["scores"]) for r in rows if r["task"] == "spoof"}
     out = []
-    for (mode, init), path in files.items():
-        if init != "pretrained" or (mode, "random") not in files:
-            continue
+    for mode in [m for m, init in files if init == "pretrained" and (m, "random") in files]:
         per_init = {name: attack_eers(files[(mode, name)]) for name in ("pretrained", "random")}
         attacks = sorted(set(per_init["pretrained"]) & set(per_init["random"]))
         out.append({"mode": mode.upper(),
                     "eer": {a: {name: 100 * per_init[name][a] for name in per_init} for a in attacks}})
     return out
+
+
+def attack_cells(attacks: list[dict[str, Any]] | None) -> tuple[list[str], list[list[str]]]:
+    """The per-attack table as text, for proof.md and the CLI: (attack ids, one row per modality:
+    [modality, "pretrained / random" per attack, "-" where the modality lacks it])."""
+    names = sorted({k for a in attacks or [] for k in a["eer"]})
+    rows = [[a["mode"], *(f"{a['eer'][k]['pretrained']:.1f} / {a['eer'][k]['random']:.1f}" if k in a["eer"] else "-"
+                          for k in names)] for a in attacks or []]
+    return names, rows
 
 
 def attack_eers(path: Path) -> dict[str, float]:
@@ -293,12 +300,9 @@ def markdown(table: list[dict[str, Any]], steps: int, seeds: tuple[int, ...] = (
         if pooled:
             line += f" {seed_gains_text(t)} |"
         lines.append(line)
-    names = sorted({k for a in attacks or [] for k in a["eer"]})
+    names, cells = attack_cells(attacks)
     if names:
         lines += ["", "Spoof EER % per attack (each attack's spoofs against all bona fide clips), pretrained / random:",
                   "", "| modality | " + " | ".join(names) + " |", "| --- " * (len(names) + 1) + "|"]
-        for a in attacks:
-            cells = [f"{a['eer'][k]['pretrained']:.1f} / {a['eer'][k]['random']:.1f}" if k in a["eer"] else "-"
-                     for k in names]
-            lines.append(f"| {a['mode']} | " + " | ".join(cells) + " |")
+        lines += ["| " + " | ".join(row) + " |" for row in cells]
     return "\n".join(lines) + "\n"
