@@ -77,6 +77,16 @@ class HeadConfig(Section):
     # pretraining contrast puts identity into the CLS output, which a short probe on token
     # statistics alone may not find (demo: zero-shot audio EER 30 % against 41 % for the head).
     concat_embedding: bool = False
+    # Segment consistency (partial spoofs, PartialSpoof): for each listed modality the backbone also
+    # encodes the clip's first and last `segment_fraction` of time steps, each alone (the views of
+    # pretraining's segment contrast), and the head reads |first - last| and their cosine, from the
+    # mean of each view's patch outputs, beside the pooled tokens. A clip whose voice (or face)
+    # changes part-way differs between its ends, which a pooling over the whole clip averages away.
+    # Each listed modality adds D + 1 features to every mode (zeros in a mode without it).
+    segment_consistency: list[Modality] = Field(default_factory=list, max_length=2)
+    # Share of the time steps in each compared end (<= 0.5: the two never overlap). 1/3: a splice
+    # anywhere in the middle third leaves the first third wholly before and the last wholly after it.
+    segment_fraction: Annotated[float, Field(gt=0.0, le=0.5)] = 1 / 3
     # Channels of the attention bottleneck of attentive statistics pooling (ECAPA-TDNN: 128).
     asp_bottleneck: Annotated[int, Field(ge=1)] = 128
     # Speaker embedding size (ECAPA / WeSpeaker: 192).
@@ -141,6 +151,12 @@ class HeadConfig(Section):
             raise ValueError(
                 f"late_weights: 'learned' weights late fusion's modality scores, but fusion is {self.fusion!r}: "
                 "set fusion: late or late_weights: equal"
+            )
+        unused = sorted(set(self.segment_consistency) - set(self.modalities))
+        if unused or len(set(self.segment_consistency)) != len(self.segment_consistency):
+            raise ValueError(
+                f"segment_consistency {self.segment_consistency} must list each of the used modalities "
+                f"{self.modalities} at most once"
             )
         if self.co_learning and not both:
             raise ValueError(

@@ -49,6 +49,7 @@ from torch import nn
 
 from avssl.config import ConfigError
 from avssl.pretrain.lr_decay import param_groups_lrd
+from avssl.pretrain.masking import end_segments
 from avssl.pretrain.modeling import masked_mean
 from avssl.pretrain.modeling import AVViTModel
 
@@ -405,8 +406,14 @@ class TaskModel(nn.Module):
 
         branches = pooling_branches(cfg.fusion)
         self.pools = nn.ModuleDict({b: build_pooling(cfg.pooling, dim, cfg.asp_bottleneck) for b in branches})
-        # Width of the features a head reads: the pooling's, plus D with concat_embedding.
-        self.pooled_dim = pooled_dim = next(iter(self.pools.values())).out_dim + (dim if cfg.concat_embedding else 0)
+        # Width of the features a head reads: the pooling's, plus D with concat_embedding, plus D + 1
+        # per segment-consistency modality.
+        self.segment_dim = dim + 1
+        self.pooled_dim = pooled_dim = (
+            next(iter(self.pools.values())).out_dim
+            + (dim if cfg.concat_embedding else 0)
+            + self.segment_dim * len(cfg.segment_consistency)
+        )
         self.dca = DCAFusion(dim, cfg.dca_temperature) if cfg.fusion == "dca" else None
         head_branches = ("audio", "video") if cfg.fusion == "late" else ("shared",)
         self.heads = nn.ModuleDict({b: self._build_head(pooled_dim) for b in head_branches})
@@ -552,10 +559,50 @@ class TaskModel(nn.Module):
     def _features(
         self, mode: str, audio, video, has_audio, has_video, alone: dict
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Pooled features [B, P] and presence [B] of `mode` ("av" not for late fusion). `alone` caches
-        each modality's unimodal encoding (tokens the head reads [B, L, D], mask [B, L], the backbone's
-        embedding [B, D]) across modes."""
+        """Pooled features [B, P] and presence [B] of `mode` ("av" not for late fusion), the segment
+        consistency of each `segment_consistency` modality appended. `alone` caches each modality's
+        unimodal encoding (tokens the head reads [B, L, D], mask [B, L], the backbone's embedding
+        [B, D]) and its segment consistency across modes."""
         inputs = {"audio": (audio, has_audio), "video": (video, has_video)}
+        pooled, present = self._pooled(mode, inputs, alone)
+        if not self.cfg.segment_consistency:
+            return pooled, present
+        in_mode = ("audio", "video") if mode == "av" else (MODALITY_OF_MODE[mode],)
+        parts = [pooled]
+        for modality in self.cfg.segment_consistency:
+            x, has = inputs[modality]
+            if modality not in in_mode or x is None:
+                parts.append(pooled.new_zeros(pooled.shape[0], self.segment_dim))
+                continue
+            key = ("segments", modality)
+            if key not in alone:
+                alone[key] = self.end_segment_features(modality, x, has)
+            parts.append(alone[key].to(pooled.dtype))
+        return torch.cat(parts, dim=-1), present
+
+    def end_segment_features(self, modality: str, x: torch.Tensor, present: torch.Tensor) -> torch.Tensor:
+        """[B, D + 1]: |first - last| and cos(first, last), where first / last are the means of the patch
+        outputs of the modality's first and last `segment_fraction` of time steps, each encoded alone
+        in one backbone pass of 2B rows (`masking.end_segments`); zeros for a sample without it."""
+        embeddings = self.backbone.embeddings
+        grid = embeddings.audio_grid(x) if modality == "audio" else embeddings.video_grid(x)
+        batch = x.shape[0]
+        views = end_segments(modality, batch, grid, self.cfg.segment_fraction, device=x.device)
+        with torch.set_grad_enabled(torch.is_grad_enabled() and not self.cfg.freeze_backbone):
+            out = self.backbone(
+                **{modality: x.repeat(2, *([1] * (x.ndim - 1))), f"has_{modality}": present.repeat(2),
+                   f"{modality}_mask": views}
+            )
+        means = self.backbone.patch_mean(out, modality)  # (2B, D)
+        first, last = means[:batch].float(), means[batch:].float()
+        cosine = F.cosine_similarity(first, last, dim=-1, eps=1e-6)  # (B,)
+        features = torch.cat([(first - last).abs(), cosine[:, None]], dim=-1) * present[:, None]
+        return features.to(means.dtype)
+
+    def _pooled(self, mode: str, inputs: dict, alone: dict) -> tuple[torch.Tensor, torch.Tensor]:
+        """The pooled features [B, P'] of `mode` before segment consistency, and presence [B]; zeros when
+        the mode has none of its inputs."""
+        (audio, has_audio), (video, has_video) = inputs["audio"], inputs["video"]
 
         def encode_alone(modality: str):
             if modality not in alone:
@@ -573,7 +620,8 @@ class TaskModel(nn.Module):
         present = has_audio | has_video if mode == "av" else inputs[modalities[0]][1]
         available = [m for m in modalities if inputs[m][0] is not None]
         if not available:
-            return ref.new_zeros(ref.shape[0], self.pooled_dim, dtype=torch.float32), present
+            width = self.pooled_dim - self.segment_dim * len(self.cfg.segment_consistency)
+            return ref.new_zeros(ref.shape[0], width, dtype=torch.float32), present
 
         def pool(branch: str, tokens: torch.Tensor, mask: torch.Tensor, embedding=None) -> torch.Tensor:
             """The branch's pooling of one token sequence, with the backbone's embedding appended

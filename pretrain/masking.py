@@ -177,31 +177,54 @@ def mask_video(
     return random_masking(batch_size, units, num_units, ratios, device=device, generator=generator)
 
 
-def _halves(batch_size: int, time_of_token: torch.Tensor, length_in_time: int, device) -> ModalityMask:
-    """Rows 0..B-1 see the first half of the tokens in time, rows B..2B-1 the second half (an odd
-    length leaves its middle step out, so both halves hold as many tokens)."""
-    half = length_in_time // 2
-    ids = [(time_of_token < half).nonzero().squeeze(1), (time_of_token >= length_in_time - half).nonzero().squeeze(1)]
+def _end_views(batch_size: int, time_of_token: torch.Tensor, length_in_time: int, steps: int, device) -> ModalityMask:
+    """Rows 0..B-1 see the tokens of the first `steps` time steps, rows B..2B-1 those of the last
+    `steps` (both views hold as many tokens; the steps between them are seen by neither)."""
+    ids = [
+        (time_of_token < steps).nonzero().squeeze(1),
+        (time_of_token >= length_in_time - steps).nonzero().squeeze(1),
+    ]
     ids_keep = torch.stack(ids).repeat_interleave(batch_size, dim=0).to(device)  # (2B, L')
     mask = torch.ones(2 * batch_size, time_of_token.numel(), dtype=torch.bool, device=device)  # (2B, L)
     mask.scatter_(1, ids_keep, False)
     return ModalityMask(ids_keep=ids_keep, keep_valid=None, mask=mask)
 
 
+def _time_axis(modality: str, grid: Sequence[int]) -> tuple[torch.Tensor, int]:
+    """The time step of every token of a modality's patch grid and the number of steps: audio
+    `(nf, nt)` (frequency-major), video `(V, h, w)` (frame-major)."""
+    if modality == "audio":
+        return audio_mask_units(tuple(grid), "time")
+    if modality == "video":
+        frames, h, w = grid
+        return torch.arange(frames).repeat_interleave(h * w), frames
+    raise ValueError(f"modality must be 'audio' or 'video', got {modality!r}")
+
+
+def end_segments(
+    modality: str, batch_size: int, grid: Sequence[int], fraction: float, *, device: torch.device | str | None = None
+) -> ModalityMask:
+    """Two views of every sample's patch grid, stacked [2B, ...]: its first and its last
+    `max(1, floor(fraction * steps))` time steps (`fraction` <= 0.5, so the views never overlap).
+    0.5 gives the two halves (an odd length leaves its middle step out); 1/3 the first and last
+    thirds, which a splice in the middle third (a partial spoof) puts on either side of it."""
+    if not 0.0 < fraction <= 0.5:
+        raise ValueError(f"the end-segment fraction must be in (0, 0.5], got {fraction}")
+    time, n_time = _time_axis(modality, grid)
+    if n_time < 2:
+        raise ValueError(f"the {modality} grid {tuple(grid)} has {n_time} time step: it cannot be split in time")
+    steps = max(1, math.floor(fraction * n_time + 1e-9))
+    return _end_views(batch_size, time, n_time, steps, device)
+
+
 def audio_halves(batch_size: int, grid: tuple[int, int], *, device: torch.device | str | None = None) -> ModalityMask:
     """Two time-disjoint views of every sample's audio patch grid `(nf, nt)`, stacked: [2B, ...]."""
-    time, n_time = audio_mask_units(grid, "time")
-    if n_time < 2:
-        raise ValueError(f"the audio grid {grid} has {n_time} patch column: it cannot be split in time")
-    return _halves(batch_size, time, n_time, device)
+    return end_segments("audio", batch_size, grid, 0.5, device=device)
 
 
 def video_halves(batch_size: int, grid: tuple[int, int, int], *, device: torch.device | str | None = None) -> ModalityMask:
     """Two time-disjoint views of every sample's video patch grid `(V, h, w)`, stacked: [2B, ...]."""
-    frames, h, w = grid
-    if frames < 2:
-        raise ValueError(f"the video grid {grid} has {frames} frame: it cannot be split in time")
-    return _halves(batch_size, torch.arange(frames).repeat_interleave(h * w), frames, device)
+    return end_segments("video", batch_size, grid, 0.5, device=device)
 
 
 __all__ = [
@@ -212,6 +235,7 @@ __all__ = [
     "VideoMaskMode",
     "audio_halves",
     "audio_mask_units",
+    "end_segments",
     "mask_audio",
     "mask_video",
     "num_masked",

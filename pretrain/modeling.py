@@ -639,6 +639,14 @@ class AVViTModel(AVViTPreTrainedModel):
             return piece[:, 0] * valid[:, :1].to(piece.dtype)
         return masked_mean(piece, valid)
 
+    def patch_mean(self, out: AVViTModelOutput, name: str) -> torch.Tensor:
+        """[B, D] mean of modality `name`'s real patch outputs in `out`, never its CLS output (what the
+        segment contrast of pretraining compares); 0 for a sample without any."""
+        piece, valid = out[f"{name}_last_hidden_state"], out[f"{name}_token_mask"]
+        if self.config.use_cls_token:
+            piece, valid = piece[:, 1:], valid[:, 1:]
+        return masked_mean(piece, valid)
+
     # ---- convenience features API ----
 
     def encode_audio(self, audio: torch.Tensor) -> torch.Tensor:
@@ -833,13 +841,11 @@ class AVViTForPretraining(AVViTPreTrainedModel):
         return 1.0 / self.objective.temperature
 
     def _patch_mean(self, out: AVViTModelOutput, name: str) -> torch.Tensor:
-        """[B, D] mean of a modality's real patch outputs, never its CLS token: with `use_cls_token` the
-        CLS output is the pooled embedding (the AV contrast's, the release's) and the segment contrast
-        shapes the patch tokens, so that the clip cues it learns do not crowd identity out of it."""
-        piece, valid = out[f"{name}_last_hidden_state"], out[f"{name}_token_mask"]
-        if self.config.use_cls_token:
-            piece, valid = piece[:, 1:], valid[:, 1:]
-        return masked_mean(piece, valid)
+        """[B, D] mean of a modality's real patch outputs, never its CLS token (`AVViTModel.patch_mean`):
+        with `use_cls_token` the CLS output is the pooled embedding (the AV contrast's, the release's)
+        and the segment contrast shapes the patch tokens, so that the clip cues it learns do not crowd
+        identity out of it."""
+        return self.avvit.patch_mean(out, name)
 
     def forward(
         self,

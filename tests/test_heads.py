@@ -24,6 +24,7 @@ from avssl.finetune.heads import (
     zero_shot_embeddings,
 )
 from avssl.pretrain.config import LossConfig, MaskingConfig, ModelConfig, build_model
+from avssl.pretrain.masking import ModalityMask, end_segments
 from avssl.pretrain.lr_decay import layer_id
 
 FRAMES, MELS, VFRAMES, SIZE = 98, 64, 2, 32
@@ -95,6 +96,9 @@ def test_head_config_task_defaults_and_cross_field_checks(backbone):
         dict(task="emotion", modality_dropout=1.5),
         dict(task="emotion", unknown_key=1),
         dict(task="emotion", fusion="joint", late_weights="learned"),
+        dict(task="spoof", modalities=["audio"], co_learning=False, segment_consistency=["video"]),
+        dict(task="spoof", segment_consistency=["audio", "audio"]),
+        dict(task="spoof", segment_consistency=["audio"], segment_fraction=0.6),
     ]
     for kwargs in bad:
         with pytest.raises(ValidationError):
@@ -456,6 +460,57 @@ def test_learned_layer_weights_mix_every_layer_normalized_state(backbone, fusion
     # The loss trains the weights.
     model.train()(audio, video, labels=torch.tensor([0, 1, 2])).loss.backward()
     assert all(model.layer_logits[b].grad is not None and model.layer_logits[b].grad.abs().sum() > 0 for b in branches)
+
+
+def test_segment_consistency_compares_the_clips_ends_each_encoded_alone():
+    """segment_consistency [audio]: every mode's features end with |first - last| and cos(first, last) of
+    the patch means of the first and last thirds of the audio, each encoded alone (the middle third is never
+    read); modes without audio and samples without audio get zeros there. The head widens by D + 1."""
+    torch.manual_seed(0)
+    model_cfg = ModelConfig(arch="avvit_tiny_patch16", audio_num_mel_bins=MELS, audio_num_frames=FRAMES,
+                            video_image_size=SIZE, video_num_frames=VFRAMES, use_cls_token=True)
+    cls_backbone = build_model(model_cfg, MaskingConfig(), LossConfig()).avvit.eval()
+    dim = cls_backbone.config.hidden_size
+    audio, video = batch(3)
+    has_audio, has_video = flags(1, 1, 0), flags(1, 1, 1)
+    audio[2] = 0.0
+    # By hand: the first and the last two of the seven patch columns (98 frames, the last column
+    # padded), in separate passes.
+    assert cls_backbone.embeddings.audio_grid(audio) == (MELS // 16, 7)
+    ends = end_segments("audio", 3, (MELS // 16, 7), 1 / 3)
+    means = []
+    with torch.no_grad():
+        for rows in (slice(0, 3), slice(3, 6)):
+            view = ModalityMask(ids_keep=ends.ids_keep[rows], keep_valid=None, mask=ends.mask[rows])
+            out = cls_backbone(audio=audio, has_audio=has_audio, audio_mask=view)
+            means.append(out.audio_last_hidden_state[:, 1:].mean(1))  # the patch outputs, no CLS
+    first, last = means
+    expected = torch.cat([(first - last).abs(), F.cosine_similarity(first, last, dim=-1)[:, None]], -1)
+    expected[2] = 0.0
+    for fusion in ("late", "joint"):
+        cfg = head("spoof", fusion=fusion, pooling="asp", segment_consistency=["audio"], feature_norm="none")
+        model = TaskModel(copy.deepcopy(cls_backbone), cfg).eval()
+        branch = "shared" if fusion == "joint" else "audio"
+        assert model.heads[branch].classifier.in_features == model.pools[branch].out_dim + dim + 1
+        with torch.no_grad():
+            results = model._compute(audio, video, has_audio, has_video, ("av", "a", "v"))
+        # (Late fusion's "av" features are the mean of its heads' inputs, not one head's input.)
+        for mode in ("av", "a") if fusion == "joint" else ("a",):
+            assert torch.allclose(results[mode].features[:, -(dim + 1):], expected, atol=1e-5), (fusion, mode)
+        assert torch.equal(results["v"].features[:, -(dim + 1):], torch.zeros(3, dim + 1))
+        # Audio between the ends moves the pooled tokens, never the comparison of the ends.
+        middle = audio.clone()
+        middle[:, 2 * 16 : 5 * 16] = torch.randn(3, 48, MELS)
+        with torch.no_grad():
+            moved = model._compute(middle, video, has_audio, has_video, ("a",))["a"].features
+        assert torch.allclose(moved[:2, -(dim + 1):], expected[:2], atol=1e-5)
+        assert not torch.allclose(moved[:2, : -(dim + 1)], results["a"].features[:2, : -(dim + 1)], atol=1e-4)
+    # Full finetuning trains the backbone through the end views too.
+    model = TaskModel(copy.deepcopy(cls_backbone), head("spoof", fusion="late", segment_consistency=["audio"]))
+    model.train()
+    features = model.end_segment_features("audio", audio, has_audio)
+    features.sum().backward()
+    assert model.backbone.layers[0].attention.qkv.weight.grad.abs().sum() > 0
 
 
 @pytest.mark.parametrize("fusion", ["joint", "late", "dca"])

@@ -17,7 +17,16 @@ from avssl.pretrain.bench import bench_model, layer_flops, pretraining_flops
 from avssl.pretrain.config import LossConfig, MaskingConfig, ModelConfig, avvit_config_from_sections, build_model
 from avssl.pretrain.init_from_vit import load_vit_weights
 from avssl.pretrain.lr_decay import param_groups_lrd
-from avssl.pretrain.masking import ModalityMask, audio_halves, mask_audio, mask_video, num_masked, ratios_per_sample, video_halves
+from avssl.pretrain.masking import (
+    ModalityMask,
+    audio_halves,
+    end_segments,
+    mask_audio,
+    mask_video,
+    num_masked,
+    ratios_per_sample,
+    video_halves,
+)
 
 
 def small_config(**overrides) -> P.AVViTConfig:
@@ -346,6 +355,18 @@ def test_segment_halves_are_disjoint_in_time_and_equal_in_size():
     assert v.ids_keep.tolist() == [[0, 1], [4, 5]]
     with pytest.raises(ValueError, match="cannot be split in time"):
         video_halves(1, (1, 2, 2))
+
+
+def test_end_segments_take_the_first_and_last_share_of_time_steps():
+    """end_segments(fraction): the first and last max(1, floor(fraction * steps)) time steps; 0.5 is the halves."""
+    m = end_segments("audio", 1, (2, 6), 1 / 3)  # tokens f * 6 + t; thirds = 2 columns, the middle 2 in neither
+    assert m.ids_keep.tolist() == [[0, 1, 6, 7], [4, 5, 10, 11]]
+    assert torch.equal(end_segments("audio", 2, (2, 5), 0.5).ids_keep, audio_halves(2, (2, 5)).ids_keep)
+    assert end_segments("video", 1, (4, 1, 2), 1 / 3).ids_keep.tolist() == [[0, 1], [6, 7]]  # one frame each
+    assert end_segments("audio", 1, (1, 2), 0.1).ids_keep.tolist() == [[0], [1]]  # at least one step
+    for bad in (0.0, 0.6):
+        with pytest.raises(ValueError, match="fraction"):
+            end_segments("audio", 1, (2, 6), bad)
 
 
 def test_segment_contrast_trains_its_own_heads_and_is_not_released(tmp_path):
