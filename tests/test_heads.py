@@ -52,6 +52,15 @@ def tiny_backbone():
     return build_model(model, MaskingConfig(), LossConfig()).avvit
 
 
+@pytest.fixture(scope="module")
+def cls_backbone():
+    """The tiny backbone with a CLS token per modality, in eval mode; read only (heads take copies)."""
+    torch.manual_seed(0)
+    model = ModelConfig(arch="avvit_tiny_patch16", audio_num_mel_bins=MELS, audio_num_frames=FRAMES,
+                        video_image_size=SIZE, video_num_frames=VFRAMES, use_cls_token=True)
+    return build_model(model, MaskingConfig(), LossConfig()).avvit.eval()
+
+
 @pytest.fixture
 def backbone(tiny_backbone):
     """A fresh copy per test: TaskModel may freeze it and tests train it."""
@@ -342,13 +351,9 @@ def test_modality_dropout_never_drops_both_and_is_off_in_eval(backbone):
         assert single.all() if training else not single.any()
 
 
-def test_concat_embedding_appends_the_backbones_cls_output_to_the_pooled_features():
+def test_concat_embedding_appends_the_backbones_cls_output_to_the_pooled_features(cls_backbone):
     """concat_embedding: features = [pooling of the tokens, the backbone's pooled embedding] (the
     CLS output with CLS tokens; the joint pass's fused embedding in joint AV); the head widens by D."""
-    torch.manual_seed(0)
-    model_cfg = ModelConfig(arch="avvit_tiny_patch16", audio_num_mel_bins=MELS, audio_num_frames=FRAMES,
-                            video_image_size=SIZE, video_num_frames=VFRAMES, use_cls_token=True)
-    cls_backbone = build_model(model_cfg, MaskingConfig(), LossConfig()).avvit.eval()
     dim = cls_backbone.config.hidden_size
     audio, video = batch(3)
     with torch.no_grad():
@@ -462,14 +467,10 @@ def test_learned_layer_weights_mix_every_layer_normalized_state(backbone, fusion
     assert all(model.layer_logits[b].grad is not None and model.layer_logits[b].grad.abs().sum() > 0 for b in branches)
 
 
-def test_segment_consistency_compares_the_clips_ends_each_encoded_alone():
+def test_segment_consistency_compares_the_clips_ends_each_encoded_alone(cls_backbone):
     """segment_consistency [audio]: every mode's features end with |first - last| and cos(first, last) of
     the patch means of the first and last thirds of the audio, each encoded alone (the middle third is never
     read); modes without audio and samples without audio get zeros there. The head widens by D + 1."""
-    torch.manual_seed(0)
-    model_cfg = ModelConfig(arch="avvit_tiny_patch16", audio_num_mel_bins=MELS, audio_num_frames=FRAMES,
-                            video_image_size=SIZE, video_num_frames=VFRAMES, use_cls_token=True)
-    cls_backbone = build_model(model_cfg, MaskingConfig(), LossConfig()).avvit.eval()
     dim = cls_backbone.config.hidden_size
     audio, video = batch(3)
     has_audio, has_video = flags(1, 1, 0), flags(1, 1, 1)
