@@ -20,7 +20,9 @@ Modes. A mode is the input a prediction is made from: "av" (both modalities), "a
   one sequence (its cross-attention then sees only that modality). One task head serves all modes.
 Tokens. The pooling reads the backbone's last hidden state, or with `layer_weights: learned` a
 softmax-weighted sum of every hidden state (embedding output and each layer), each layer-normalized
-(SUPERB's probe), with one weight vector per pooling branch.
+(SUPERB's probe), with one weight vector per pooling branch. With `segment_consistency` the
+features of every mode also hold, per listed modality, |first - last| and cos(first, last) of its
+first and last `segment_fraction` of time steps, each encoded alone (partial spoofs).
 In every fusion a sample that has only one modality gets, in mode "av", the prediction of that
 modality's path (joint: up to float rounding, through the padding mask).
 
