@@ -411,11 +411,8 @@ class TaskModel(nn.Module):
         # Width of the features a head reads: the pooling's, plus D with concat_embedding, plus D + 1
         # per segment-consistency modality.
         self.segment_dim = dim + 1
-        self.pooled_dim = pooled_dim = (
-            next(iter(self.pools.values())).out_dim
-            + (dim if cfg.concat_embedding else 0)
-            + self.segment_dim * len(cfg.segment_consistency)
-        )
+        self.token_dim = next(iter(self.pools.values())).out_dim + (dim if cfg.concat_embedding else 0)
+        self.pooled_dim = pooled_dim = self.token_dim + self.segment_dim * len(cfg.segment_consistency)
         self.dca = DCAFusion(dim, cfg.dca_temperature) if cfg.fusion == "dca" else None
         head_branches = ("audio", "video") if cfg.fusion == "late" else ("shared",)
         self.heads = nn.ModuleDict({b: self._build_head(pooled_dim) for b in head_branches})
@@ -622,8 +619,7 @@ class TaskModel(nn.Module):
         present = has_audio | has_video if mode == "av" else inputs[modalities[0]][1]
         available = [m for m in modalities if inputs[m][0] is not None]
         if not available:
-            width = self.pooled_dim - self.segment_dim * len(self.cfg.segment_consistency)
-            return ref.new_zeros(ref.shape[0], width, dtype=torch.float32), present
+            return ref.new_zeros(ref.shape[0], self.token_dim, dtype=torch.float32), present
 
         def pool(branch: str, tokens: torch.Tensor, mask: torch.Tensor, embedding=None) -> torch.Tensor:
             """The branch's pooling of one token sequence, with the backbone's embedding appended
