@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from avssl.kernels import flash_attention
+from avssl.kernels.attention import flash_attention
 
 
 def per_call_us(fn, calls: int) -> float:

@@ -62,12 +62,8 @@ if "--smoke" in sys.argv and not os.environ.get("TRITON_INTERPRET"):
 import torch
 import torch.nn.functional as F
 
-from avssl.kernels import (
-    attention_reference,
-    attention_varlen_reference,
-    flash_attention,
-    flash_attention_varlen,
-)
+from avssl.kernels.attention import flash_attention, flash_attention_varlen
+from avssl.kernels.reference import attention_reference, attention_varlen_reference
 
 MODES = ("fwd", "bwd", "fwd+bwd")
 PROVIDERS = ("triton", "sdpa_flash", "sdpa_efficient", "sdpa_cudnn", "flex", "eager")

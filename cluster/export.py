@@ -133,7 +133,7 @@ tags: [avssl, audio-visual, self-supervised, speech]
 {purpose or PRETRAINED_PURPOSE}
 
 ```python
-import avssl.pretrain  # registers the avvit model type with transformers
+import avssl.pretrain.modeling  # registers the avvit model type with transformers
 from transformers import AutoModel
 model = AutoModel.from_pretrained("path/to/this/folder")
 ```

@@ -76,6 +76,21 @@ def submit(address: str, command: str, config: Path, overrides: list[str], *, to
     recipe_cls = _recipe_class(command)
     load_config(recipe_cls, config, overrides)
     root = source_root()
+    jobs = client(address, token)
+    return retry_while_no_agent(
+        lambda: jobs.submit_job(
+            entrypoint=entrypoint(command, Path(config), overrides, root),
+            runtime_env=job_runtime_env(root, pip=pip, env=env),
+            submission_id=submission_id,
+            metadata={"avssl.command": command, "avssl.config": str(config)},
+        ),
+        address,
+    )
+
+
+def job_runtime_env(root: Path, *, pip: list[str] | None = None, env: dict[str, str] | None = None) -> dict[str, Any]:
+    """The source tree as the job's working_dir (Ray puts it first on the job's and its workers'
+    sys.path; the top-level folders hold no __init__.py, so they cannot shadow installed packages)."""
     runtime_env: dict[str, Any] = {
         "working_dir": str(root),
         "excludes": EXCLUDES,
@@ -83,16 +98,7 @@ def submit(address: str, command: str, config: Path, overrides: list[str], *, to
     }
     if pip:
         runtime_env["pip"] = list(pip)
-    jobs = client(address, token)
-    return retry_while_no_agent(
-        lambda: jobs.submit_job(
-            entrypoint=entrypoint(command, Path(config), overrides, root),
-            runtime_env=runtime_env,
-            submission_id=submission_id,
-            metadata={"avssl.command": command, "avssl.config": str(config)},
-        ),
-        address,
-    )
+    return runtime_env
 
 
 def retry_while_no_agent(call, address: str, *, wait_s: float = AGENT_WAIT_S, poll_s: float = 2.0,

@@ -32,7 +32,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import nn
-from transformers import PreTrainedModel
+from transformers import AutoConfig, AutoModel, AutoModelForPreTraining, PreTrainedModel
 from transformers import initialization as init
 from transformers.activations import ACT2FN
 from transformers.modeling_layers import GradientCheckpointingLayer
@@ -57,15 +57,15 @@ def ensure_attention_implementation(name: str | None) -> None:
     if name != "triton" or "triton" in ALL_ATTENTION_FUNCTIONS:
         return
     try:
-        from avssl.kernels import register_attention
+        from avssl.kernels.hf_attention import register_attention
     except ImportError as exc:
         raise ImportError(
-            "attn_implementation='triton' needs avssl.kernels.register_attention(), which could not be imported "
+            "attn_implementation='triton' needs avssl.kernels.hf_attention.register_attention(), which could not be imported "
             f"({exc}). Install/fix the kernels package or set model.attn_implementation to 'sdpa' or 'eager'."
         ) from exc
     register_attention()
     if "triton" not in ALL_ATTENTION_FUNCTIONS:
-        raise ImportError("avssl.kernels.register_attention() did not register the 'triton' attention implementation")
+        raise ImportError("avssl.kernels.hf_attention.register_attention() did not register the 'triton' attention implementation")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -1004,3 +1004,10 @@ __all__ = [
     "resize_position_embedding",
     "sincos_position_embedding",
 ]
+
+
+# Loading a released directory with transformers' Auto classes needs the "avvit" model type
+# registered; importing this module does it.
+AutoConfig.register(AVViTConfig.model_type, AVViTConfig, exist_ok=True)
+AutoModel.register(AVViTConfig, AVViTModel, exist_ok=True)
+AutoModelForPreTraining.register(AVViTConfig, AVViTForPretraining, exist_ok=True)

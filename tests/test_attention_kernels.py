@@ -20,15 +20,9 @@ import textwrap
 import pytest
 import torch
 
-from avssl.kernels import (
-    attention_reference,
-    attention_varlen_reference,
-    flash_attention,
-    flash_attention_varlen,
-    is_triton_available,
-    register_attention,
-    triton_attention_forward,
-)
+from avssl.kernels.attention import flash_attention, flash_attention_varlen, is_triton_available
+from avssl.kernels.hf_attention import register_attention, triton_attention_forward
+from avssl.kernels.reference import attention_reference, attention_varlen_reference
 from avssl.kernels import attention as fa_module
 
 pytestmark = pytest.mark.skipif(
@@ -385,7 +379,8 @@ def test_fallback_to_sdpa_without_triton_logs_one_warning():
         """
         import logging, torch
         logging.basicConfig(level=logging.WARNING, format="WARN %(name)s %(message)s")
-        from avssl.kernels import is_triton_available, register_attention
+        from avssl.kernels.attention import is_triton_available
+        from avssl.kernels.hf_attention import register_attention
         from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
         from transformers.integrations.sdpa_attention import sdpa_attention_forward
         assert not is_triton_available(torch.device("cpu"))

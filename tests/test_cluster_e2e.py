@@ -19,8 +19,10 @@ from pathlib import Path
 
 import pytest
 
+from avssl.cluster import submit as jobs
 from avssl.config import load_config
 from avssl.data.corpus import CorpusRecipe, synthesize_corpus
+from test_packaging import check_probe
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = REPO / "configs/pretrain/tiny.yaml"
@@ -243,6 +245,15 @@ def test_submit_to_token_authenticated_head_with_mlflow_server(corpus, tmp_path)
         assert job_id in listed.stdout
         steps = metric_history(tmp_path, "loss", "submitted", uri=uri)
         assert sorted(steps) == [4, 8]
+        # The same working_dir, a probe as the job: the job's driver and a Ray task it starts
+        # import HF's `kernels` (through transformers) and avssl's own, never the uploaded folder.
+        probe_job = jobs.client(address, token).submit_job(
+            entrypoint="python -m tests.probe_imports --ray", runtime_env=jobs.job_runtime_env(REPO))
+        assert jobs.wait(address, probe_job, token=token, timeout_s=180) == "SUCCEEDED"
+        lines = jobs.client(address, token).get_job_logs(probe_job).strip().splitlines()
+        for line in (l for l in lines if l.startswith("{")):
+            check_probe(json.loads(line), root=Path(json.loads(line)["ours"]["kernels"]).resolve().parent)
+        assert sum(l.startswith("{") for l in lines) == 2, lines[-20:]
     finally:
         subprocess.run([str(bindir / "ray"), "stop", "--force"], capture_output=True, env=head_env, timeout=120)
         os.killpg(mlflow.pid, signal.SIGTERM)

@@ -10,9 +10,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import avssl.pretrain as P
 from avssl.config import ConfigError, validate
-from avssl.pretrain import modeling
+from avssl.pretrain import modeling, registry
+from avssl.pretrain.configuration import AVViTConfig
+from avssl.pretrain.modeling import AVViTForPretraining, AVViTModel
 from avssl.pretrain.bench import bench_model, layer_flops, pretraining_flops
 from avssl.pretrain.config import LossConfig, MaskingConfig, ModelConfig, avvit_config_from_sections, build_model
 from avssl.pretrain.init_from_vit import load_vit_weights
@@ -29,7 +30,7 @@ from avssl.pretrain.masking import (
 )
 
 
-def small_config(**overrides) -> P.AVViTConfig:
+def small_config(**overrides) -> AVViTConfig:
     """2-layer 32-d model; audio 48 frames x 32 mel bins (2 x 3 patches), video 2 frames of 32x32 (8 patches)."""
     kwargs = dict(
         hidden_size=32,
@@ -46,7 +47,7 @@ def small_config(**overrides) -> P.AVViTConfig:
         decoder_intermediate_size=64,
     )
     kwargs.update(overrides)
-    return P.AVViTConfig(**kwargs)
+    return AVViTConfig(**kwargs)
 
 
 def batch(b: int = 4, frames: int = 48, mels: int = 32, v: int = 2, size: int = 32, seed: int = 0):
@@ -54,7 +55,7 @@ def batch(b: int = 4, frames: int = 48, mels: int = 32, v: int = 2, size: int = 
     return torch.randn(b, frames, mels, generator=g), torch.randn(b, v, 3, size, size, generator=g)
 
 
-def pretraining_config(masking: dict | None = None, loss: dict | None = None, **overrides) -> P.AVViTConfig:
+def pretraining_config(masking: dict | None = None, loss: dict | None = None, **overrides) -> AVViTConfig:
     return small_config(
         pretraining_masking=MaskingConfig.model_validate(masking or {}).model_dump(mode="json"),
         pretraining_loss=LossConfig.model_validate(loss or {}).model_dump(mode="json"),
@@ -74,21 +75,21 @@ def test_registry_parameter_counts_match_vit_sizes():
         "avvit_large_patch16": (302e6, 306e6),  # ViT-L/16 backbone: 303.3M
     }
     for arch, (low, high) in expected.items():
-        config = P.avvit_config(arch)
-        assert config.hidden_size == P.ARCHITECTURES[arch].hidden_size
+        config = registry.avvit_config(arch)
+        assert config.hidden_size == registry.ARCHITECTURES[arch].hidden_size
         with torch.device("meta"):
-            model = P.AVViTModel(config)
+            model = AVViTModel(config)
         n = sum(p.numel() for p in model.parameters() if p.requires_grad)
         assert low < n < high, (arch, n)
-    base = P.avvit_base_patch16()
+    base = registry.avvit_base_patch16()
     assert (base.hidden_size, base.num_hidden_layers, base.num_attention_heads) == (768, 12, 12)
     assert (base.decoder_hidden_size, base.decoder_num_hidden_layers) == (512, 8)
 
 
 def test_tiny_arch_shapes_in_each_mode():
     """Tiny arch gives the documented shapes for audio-only, video-only and audio-visual input from one model."""
-    config = P.avvit_tiny_patch16(audio_num_frames=32, video_image_size=32, attn_implementation="sdpa")
-    model = P.AVViTModel(config).eval()
+    config = registry.avvit_tiny_patch16(audio_num_frames=32, video_image_size=32, attn_implementation="sdpa")
+    model = AVViTModel(config).eval()
     audio, video = batch(3, frames=32, mels=128, v=1, size=32)
     la, lv = 8 * 2, 1 * 2 * 2
     with torch.no_grad():
@@ -108,7 +109,7 @@ def test_tiny_arch_shapes_in_each_mode():
 
 def test_base_shaped_pretraining_forward():
     """A base-width (768-d, 12 heads) model, shrunk to 2 layers, runs the full pretraining step with the documented output fields."""
-    config = P.avvit_base_patch16(
+    config = registry.avvit_base_patch16(
         num_hidden_layers=2,
         decoder_num_hidden_layers=1,
         audio_num_mel_bins=32,
@@ -117,7 +118,7 @@ def test_base_shaped_pretraining_forward():
         video_num_frames=1,
         attn_implementation="sdpa",
     )
-    model = P.AVViTForPretraining(config)
+    model = AVViTForPretraining(config)
     audio, video = batch(2, v=1)
     out = model(audio=audio, video=video)
     assert out.pred_audio.shape == (2, 6, 256) and out.pred_video.shape == (2, 4, 768)
@@ -131,7 +132,7 @@ def test_audio_time_padding_and_position_resizing():
     """Audio is zero-padded to the time patch grid and runs at other lengths/sizes with sin-cos or learned positions."""
     for pos in ("sincos", "learned"):
         config = small_config(pos_embed_type=pos, audio_time_stride=8)
-        model = P.AVViTModel(config).eval()
+        model = AVViTModel(config).eval()
         assert config.audio_grid(48) == (2, 5) and config.audio_padded_frames(45) == 48
         with torch.no_grad():
             out = model(audio=torch.randn(2, 45, 32))  # not on the grid: padded to 48
@@ -197,7 +198,7 @@ def test_several_ratios_form_subbatches_with_padding():
 
 def test_masked_patches_never_reach_the_encoder():
     """NaN written into every masked patch (audio and video) leaves the encoder output finite, and only visible tokens enter."""
-    model = P.AVViTModel(small_config(separate_modality_norms=True)).eval()
+    model = AVViTModel(small_config(separate_modality_norms=True)).eval()
     audio, video = batch(4)
     torch.manual_seed(1)
     a_mask = mask_audio(4, (2, 3), [0.0, 0.5], "unstructured")  # padded sub-batches
@@ -228,7 +229,7 @@ def test_gradients_from_each_modality_reach_shared_weights():
     """Audio-only and video-only reconstruction losses each give gradients on the shared attention and MLP."""
     for modality in ("audio", "video"):
         torch.manual_seed(0)
-        model = P.AVViTForPretraining(pretraining_config())
+        model = AVViTForPretraining(pretraining_config())
         audio, video = batch(2)
         out = model(**{modality: audio if modality == "audio" else video})
         out.loss.backward()
@@ -244,7 +245,7 @@ def test_gradients_from_each_modality_reach_shared_weights():
 @pytest.mark.parametrize("use_cls", [False, True])
 def test_mixed_batch_matches_single_modality_runs(use_cls):
     """In a mixed batch each sample's embeddings equal those of running it alone in its own mode (padding is inert)."""
-    model = P.AVViTModel(small_config(use_cls_token=use_cls)).eval()
+    model = AVViTModel(small_config(use_cls_token=use_cls)).eval()
     audio, video = batch(3)
     has_audio = torch.tensor([True, True, False])
     has_video = torch.tensor([True, False, True])
@@ -275,7 +276,7 @@ def test_mixed_batch_matches_single_modality_runs(use_cls):
 
 def test_variable_visible_counts_do_not_change_a_sample():
     """With several mask ratios in a batch, a sample's output equals running it alone with its own mask."""
-    model = P.AVViTModel(small_config()).eval()
+    model = AVViTModel(small_config()).eval()
     audio, _ = batch(4)
     torch.manual_seed(3)
     m = mask_audio(4, (2, 3), [0.0, 0.5], "unstructured")
@@ -291,7 +292,7 @@ def test_variable_visible_counts_do_not_change_a_sample():
 def test_pretraining_without_pairs_keeps_every_parameter_in_the_graph():
     """A batch with no audio-visual pair trains reconstruction, gives contrastive 0 and still reaches every parameter
     (the learned temperature and the projection heads included)."""
-    model = P.AVViTForPretraining(pretraining_config(loss={"learn_temperature": True, "projection": "mlp"}))
+    model = AVViTForPretraining(pretraining_config(loss={"learn_temperature": True, "projection": "mlp"}))
     audio, video = batch(3)
     has_audio = torch.tensor([True, True, False])
     has_video = torch.tensor([False, False, True])
@@ -326,7 +327,7 @@ def test_projection_head_centres_the_contrastive_view_and_is_not_released(tmp_pa
     """With projection=mlp the loss reads per-batch standardized projections (pooled cosines near 1 are no longer near 1),
     every head parameter gets a gradient, and the saved backbone (what a release holds) has no head weights."""
     torch.manual_seed(0)
-    model = P.AVViTForPretraining(pretraining_config(loss={"contrastive_weight": 1.0, "projection": "mlp", "projection_dim": 16}))
+    model = AVViTForPretraining(pretraining_config(loss={"contrastive_weight": 1.0, "projection": "mlp", "projection_dim": 16}))
     audio, video = batch(4)
     out = model(audio=audio, video=video)
     out.loss.backward()
@@ -373,7 +374,7 @@ def test_segment_contrast_trains_its_own_heads_and_is_not_released(tmp_path):
     """segment_weight > 0 adds a half-vs-half InfoNCE per modality: finite, in the loss, reaching the backbone and its
     own projection heads (released without them); a sample lacking a modality is no pair of that modality."""
     torch.manual_seed(0)
-    model = P.AVViTForPretraining(pretraining_config(loss={"segment_weight": 1.0, "projection": "mlp", "projection_dim": 16}))
+    model = AVViTForPretraining(pretraining_config(loss={"segment_weight": 1.0, "projection": "mlp", "projection_dim": 16}))
     audio, video = batch(4)
     has_video = torch.tensor([True, True, True, False])
     out = model(audio=audio, video=video, has_video=has_video)
@@ -389,9 +390,9 @@ def test_segment_contrast_trains_its_own_heads_and_is_not_released(tmp_path):
 
     assert not [k for k in load_file(next(tmp_path.glob("*.safetensors"))) if "projection" in k]
     # Off by default: no heads, zero loss; on without a projection head: the pooled embeddings themselves.
-    plain = P.AVViTForPretraining(pretraining_config())
+    plain = AVViTForPretraining(pretraining_config())
     assert not hasattr(plain, "audio_segment_projection") and plain(audio=audio, video=video).loss_segment.item() == 0.0
-    bare = P.AVViTForPretraining(pretraining_config(loss={"segment_weight": 0.5, "reconstruction_weight": 0.0, "contrastive_weight": 0.0}))
+    bare = AVViTForPretraining(pretraining_config(loss={"segment_weight": 0.5, "reconstruction_weight": 0.0, "contrastive_weight": 0.0}))
     bare_out = bare(audio=audio)  # audio-only run: the audio halves alone
     assert bare_out.loss_segment.item() > 0 and torch.allclose(bare_out.loss, 0.5 * bare_out.loss_segment)
     with pytest.raises(ConfigError, match="all 0"):
@@ -404,8 +405,8 @@ def test_hard_negative_beta_reaches_both_contrasts():
     mean one), the retrieval accuracies are the same, and reconstruction does not change."""
     losses = {"segment_weight": 1.0, "contrastive_weight": 1.0, "projection": "mlp", "projection_dim": 16}
     torch.manual_seed(0)
-    plain = P.AVViTForPretraining(pretraining_config(loss=losses))
-    hard = P.AVViTForPretraining(pretraining_config(loss={**losses, "hard_negative_beta": 2.0}))
+    plain = AVViTForPretraining(pretraining_config(loss=losses))
+    hard = AVViTForPretraining(pretraining_config(loss={**losses, "hard_negative_beta": 2.0}))
     hard.load_state_dict(plain.state_dict())
     audio, video = batch(6)
     outs = []
@@ -423,7 +424,7 @@ def test_with_cls_tokens_the_segment_contrast_pools_patches_and_the_cls_output_s
     """use_cls_token: the CLS output is the pooled embedding (the AV contrast's and the release's); the segment
     contrast reads the mean of the real patch outputs, so its clip cues shape the patches, not the embedding."""
     torch.manual_seed(0)
-    model = P.AVViTForPretraining(pretraining_config(use_cls_token=True, loss={"segment_weight": 1.0})).eval()
+    model = AVViTForPretraining(pretraining_config(use_cls_token=True, loss={"segment_weight": 1.0})).eval()
     audio, video = batch(3)
     with torch.no_grad():
         out = model.avvit(audio=audio, video=video, has_video=torch.tensor([True, True, False]))
@@ -445,14 +446,14 @@ def test_save_and_load_round_trip_with_auto_classes(tmp_path):
     from transformers import AutoConfig, AutoModel, AutoModelForPreTraining
 
     torch.manual_seed(0)
-    model = P.AVViTForPretraining(pretraining_config(pos_embed_type="learned", use_cls_token=True)).eval()
+    model = AVViTForPretraining(pretraining_config(pos_embed_type="learned", use_cls_token=True)).eval()
     audio, video = batch(2)
     model.save_pretrained(tmp_path)
     assert AutoConfig.from_pretrained(tmp_path).model_type == "avvit"
-    loaded = P.AVViTForPretraining.from_pretrained(tmp_path).eval()
+    loaded = AVViTForPretraining.from_pretrained(tmp_path).eval()
     auto_pre = AutoModelForPreTraining.from_pretrained(tmp_path).eval()
     encoder = AutoModel.from_pretrained(tmp_path).eval()
-    assert isinstance(encoder, P.AVViTModel) and isinstance(auto_pre, P.AVViTForPretraining)
+    assert isinstance(encoder, AVViTModel) and isinstance(auto_pre, AVViTForPretraining)
     with torch.no_grad():
         ref = model.avvit(audio=audio, video=video).last_hidden_state
         for other in (loaded.avvit, auto_pre.avvit, encoder):
@@ -468,8 +469,8 @@ def test_save_and_load_round_trip_with_auto_classes(tmp_path):
 def test_eager_and_sdpa_give_the_same_outputs():
     """The eager reference and SDPA agree on a padded mixed batch (key-padding mask and masked views included)."""
     torch.manual_seed(0)
-    eager = P.AVViTModel(small_config(attn_implementation="eager")).eval()
-    sdpa = P.AVViTModel(small_config(attn_implementation="sdpa")).eval()
+    eager = AVViTModel(small_config(attn_implementation="eager")).eval()
+    sdpa = AVViTModel(small_config(attn_implementation="sdpa")).eval()
     sdpa.load_state_dict(eager.state_dict())
     assert eager.config._attn_implementation == "eager" and sdpa.config._attn_implementation == "sdpa"
     audio, video = batch(3)
@@ -500,8 +501,8 @@ def test_custom_registered_attention_is_accepted_and_used(monkeypatch):
 
     AttentionInterface.register("avssl_test_attention", counting_attention)
     torch.manual_seed(0)
-    custom = P.AVViTModel(small_config(attn_implementation="avssl_test_attention")).eval()
-    reference = P.AVViTModel(small_config(attn_implementation="eager")).eval()
+    custom = AVViTModel(small_config(attn_implementation="avssl_test_attention")).eval()
+    reference = AVViTModel(small_config(attn_implementation="eager")).eval()
     reference.load_state_dict(custom.state_dict())
     audio, video = batch(2)
     with torch.no_grad():
@@ -510,21 +511,21 @@ def test_custom_registered_attention_is_accepted_and_used(monkeypatch):
     assert len(calls) == 2 and calls[0] == (2, 2, 6 + 8, 16)  # one call per layer, [B, H, N, Dh]
     assert torch.allclose(out, ref, atol=1e-5)
     with pytest.raises(ValueError):
-        P.AVViTModel(small_config(attn_implementation="not_registered_anywhere"))
+        AVViTModel(small_config(attn_implementation="not_registered_anywhere"))
 
 
 def test_triton_attention_is_registered_lazily_from_avssl_kernels(monkeypatch):
-    """Requesting "triton" calls avssl.kernels.register_attention() before building; without it the error says what to do."""
+    """Requesting "triton" calls avssl.kernels.hf_attention.register_attention() before building; without it the error says what to do."""
     from transformers import AttentionInterface
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
     monkeypatch.setattr(AttentionInterface, "_global_mapping", dict(AttentionInterface._global_mapping))
     AttentionInterface._global_mapping.pop("triton", None)
-    monkeypatch.setitem(sys.modules, "avssl.kernels", types.ModuleType("avssl.kernels"))  # no register_attention
+    monkeypatch.setitem(sys.modules, "avssl.kernels.hf_attention", types.ModuleType("avssl.kernels.hf_attention"))  # no register_attention
     with pytest.raises(ImportError, match="sdpa"):
         build_model(ModelConfig(arch="avvit_tiny_patch16", attn_implementation="triton", video_image_size=32, audio_num_frames=32))
 
-    fake = types.ModuleType("avssl.kernels")
+    fake = types.ModuleType("avssl.kernels.hf_attention")
     registered = []
 
     def register_attention():
@@ -532,7 +533,7 @@ def test_triton_attention_is_registered_lazily_from_avssl_kernels(monkeypatch):
         AttentionInterface.register("triton", sdpa_attention_forward)
 
     fake.register_attention = register_attention
-    monkeypatch.setitem(sys.modules, "avssl.kernels", fake)
+    monkeypatch.setitem(sys.modules, "avssl.kernels.hf_attention", fake)
     model = build_model(ModelConfig(arch="avvit_tiny_patch16", attn_implementation="triton", video_image_size=32, audio_num_frames=32))
     assert registered == [True] and model.config._attn_implementation == "triton"
 
@@ -548,7 +549,7 @@ def test_init_from_tiny_hf_vit_checkpoint(tmp_path):
     )
     ViTForImageClassification(vit_config).save_pretrained(tmp_path / "cls")  # classifier wrapper, legacy keys on disk
     vit = ViTModel.from_pretrained(tmp_path / "cls", add_pooling_layer=False).eval()
-    model = P.AVViTModel(small_config(pos_embed_type="learned", use_cls_token=True, video_num_frames=1)).eval()
+    model = AVViTModel(small_config(pos_embed_type="learned", use_cls_token=True, video_num_frames=1)).eval()
     report = load_vit_weights(model, tmp_path / "cls")
     assert "embeddings.positions.audio_modality" in report.kept and "layers.1.attention.qkv.weight" in report.loaded
 
@@ -585,7 +586,7 @@ def test_init_from_tiny_hf_vit_checkpoint(tmp_path):
     assert torch.equal(model.layers[0].mlp.fc2.weight, mae.vit.layers[0].mlp.fc2.weight)
 
     with pytest.raises(ValueError, match="hidden_size"):
-        load_vit_weights(P.AVViTModel(small_config(hidden_size=64, intermediate_size=128, pos_embed_type="learned")), tmp_path / "cls")
+        load_vit_weights(AVViTModel(small_config(hidden_size=64, intermediate_size=128, pos_embed_type="learned")), tmp_path / "cls")
 
 
 # ---------------------------------------------------------------- training
@@ -594,7 +595,7 @@ def test_init_from_tiny_hf_vit_checkpoint(tmp_path):
 def test_loss_decreases_when_overfitting_a_fixed_batch():
     """Twenty AdamW steps on one small fixed batch lower the total, reconstruction and contrastive losses."""
     torch.manual_seed(0)
-    model = P.AVViTForPretraining(pretraining_config(loss={"contrastive_weight": 1.0})).train()
+    model = AVViTForPretraining(pretraining_config(loss={"contrastive_weight": 1.0})).train()
     g = torch.Generator().manual_seed(0)
     # Each sample repeats one random patch everywhere: visible patches determine the masked ones, so
     # reconstruction is learnable within a few steps (i.i.d. noise would only be learnable by memorizing).
@@ -615,7 +616,7 @@ def test_loss_decreases_when_overfitting_a_fixed_batch():
 
 def test_param_groups_cover_every_trainable_parameter_once():
     """Layer-wise decay groups hold each trainable parameter exactly once, decay only matrices, and scale by depth."""
-    model = P.AVViTForPretraining(pretraining_config(loss={"learn_temperature": True}))
+    model = AVViTForPretraining(pretraining_config(loss={"learn_temperature": True}))
     groups = param_groups_lrd(model, weight_decay=0.05, layer_decay=0.5)
     ids = [id(p) for g in groups for p in g["params"]]
     trainable = [p for p in model.parameters() if p.requires_grad]
@@ -676,7 +677,7 @@ def test_build_model_from_sections():
     masking = validate(MaskingConfig, {"reconstruction": {"audio_ratios": [0.8], "video_ratios": [0.3]}})
     loss = validate(LossConfig, {"contrastive_weight": 0.5})
     model = build_model(model_cfg, masking, loss)
-    assert isinstance(model, P.AVViTForPretraining)
+    assert isinstance(model, AVViTForPretraining)
     assert model.config._attn_implementation == "eager" and model.config.decoder_num_hidden_layers == 1
     assert model.masking.reconstruction.video_ratios == [0.3] and model.objective.contrastive_weight == 0.5
     assert set(model.avvit.layers[0].norm1.keys()) == {"shared"}
@@ -715,7 +716,7 @@ def test_reconstruction_targets_are_normalized_per_modality_as_configured():
 
     audio, video = batch(2)
     for audio_norm, video_norm in ((False, True), (True, False)):
-        model = P.AVViTForPretraining(pretraining_config(loss={"audio_norm_pix_loss": audio_norm, "norm_pix_loss": video_norm}))
+        model = AVViTForPretraining(pretraining_config(loss={"audio_norm_pix_loss": audio_norm, "norm_pix_loss": video_norm}))
         torch.manual_seed(0)
         out = model(audio=audio, video=video)
         emb = model.avvit.embeddings

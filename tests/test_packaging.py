@@ -1,4 +1,10 @@
-"""The user's top-level folders never collide with installed distributions (HF `kernels`!)."""
+"""The user's top-level folders never shadow installed distributions (Hugging Face's `kernels`!).
+
+`pretrain/`, `finetune/`, `kernels/` and `cluster/` are avssl's subpackages and hold no
+`__init__.py`, so a bare `import kernels` from any process whose `sys.path` holds the checkout
+(the repository root as the current directory, a Ray worker, a Ray job's working_dir) finds the
+installed regular package first. These tests run such processes from the repository root.
+"""
 
 from __future__ import annotations
 
@@ -6,49 +12,82 @@ import importlib.metadata as md
 import json
 import subprocess
 import sys
+import zipfile
 from pathlib import Path
+
+import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 FOLDERS = ("pretrain", "finetune", "kernels", "cluster")
 
-PROBE = r"""
-import importlib.util, json, sys
-import avssl.kernels, avssl.pretrain, avssl.finetune, avssl.cluster
-import transformers, ray.train
-from transformers.utils import import_utils
-out = {
-    "bare": {n: (getattr(importlib.util.find_spec(n), "origin", None) if importlib.util.find_spec(n) else None)
-             for n in ("pretrain", "finetune", "kernels", "cluster")},
-    "ours": {n: sys.modules["avssl." + n].__file__ for n in ("pretrain", "finetune", "kernels", "cluster")},
-    "hf_kernels_available": import_utils.is_kernels_available(),
-    "bare_loaded": [n for n in ("pretrain", "finetune", "kernels", "cluster") if n in sys.modules],
-}
-print(json.dumps(out))
-"""
-
-
-def test_folders_import_under_avssl_namespace_only(tmp_path):
-    """From a neutral directory, our folders import as avssl.<name>, and no bare `kernels` etc. resolves to them."""
-    proc = subprocess.run([sys.executable, "-c", PROBE], cwd=tmp_path, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    out = json.loads(proc.stdout.strip().splitlines()[-1])
-    for name in FOLDERS:
-        assert Path(out["ours"][name]).resolve().parent == REPO / name
-        bare = out["bare"][name]
-        assert bare is None or not Path(bare).resolve().is_relative_to(REPO), f"bare `{name}` resolves into the repo"
-    assert out["bare_loaded"] == [], "importing transformers/ray loaded a bare top-level module named like ours"
-
-
-def test_hf_kernels_detection_is_not_fooled():
-    """transformers sees the hub `kernels` package only if that distribution is installed, never our folder."""
-    proc = subprocess.run([sys.executable, "-c", PROBE], cwd="/", capture_output=True, text=True, timeout=300)
-    out = json.loads(proc.stdout.strip().splitlines()[-1])
+def hf_kernels_file() -> Path | None:
+    """The installed Hugging Face `kernels` package's __init__.py, if that distribution is installed."""
     try:
-        md.distribution("kernels")
-        hf_installed = True
+        dist = md.distribution("kernels")
     except md.PackageNotFoundError:
-        hf_installed = False
-    assert out["hf_kernels_available"] in ((True, False) if hf_installed else (False,))
+        return None
+    return Path(dist.locate_file("kernels/__init__.py")).resolve()
+
+
+def run_probe(*args: str, cwd: Path) -> list[dict]:
+    """tests/probe_imports.py's JSON lines: `python -m` from the repository root, by path elsewhere."""
+    target = ["-m", "tests.probe_imports"] if cwd == REPO else [str(REPO / "tests/probe_imports.py")]
+    proc = subprocess.run([sys.executable, *target, *args], cwd=cwd, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
+
+
+def check_probe(out: dict, root: Path = REPO) -> None:
+    for name in FOLDERS:
+        assert Path(out["ours"][name]).resolve() == root / name, (name, out["ours"][name])
+        spec = out["bare"][name]
+        # A namespace portion (origin None) runs no code of ours; a module file from the checkout would.
+        origin = spec and spec["origin"]
+        assert not (origin and Path(origin).resolve().is_relative_to(root / name)), f"bare `{name}` runs {origin}"
+    hf = hf_kernels_file()
+    if hf is not None:
+        assert Path(out["kernels_loaded_from"]).resolve() == hf
+        assert Path(out["bare"]["kernels"]["origin"]).resolve() == hf
+
+
+@pytest.mark.parametrize("where", ["repo_root", "elsewhere"])
+def test_bare_names_resolve_to_installed_packages_from_any_directory(where, tmp_path):
+    """`python -c` in the repository root (sys.path[0] == '') imports transformers, HF's kernels and avssl's own."""
+    (out,) = run_probe(cwd=REPO if where == "repo_root" else tmp_path)
+    check_probe(out)
+
+
+def test_hf_kernels_distribution_is_installed_by_the_lock():
+    """The lock installs transformers' `kernels` dependency, so the tests above exercise the collision."""
+    locked = {line.split("==")[0].lower() for line in (REPO / "requirements.lock").read_text().splitlines() if "==" in line}
+    if "kernels" in locked:
+        assert hf_kernels_file() is not None and hf_kernels_file().is_file()
+
+
+@pytest.mark.slow
+def test_ray_worker_started_from_repo_root_imports_hf_kernels_and_ours():
+    """Ray puts the driver's working directory on its workers' sys.path: a task still gets HF's kernels."""
+    driver, worker = run_probe("--ray", cwd=REPO)
+    assert driver["pid"] != worker["pid"]
+    check_probe(driver)
+    check_probe(worker)
+
+
+def test_wheel_installs_the_folders_under_avssl_only(tmp_path):
+    """A built wheel (what a cluster image installs) holds avssl/kernels/... and no top-level folder of ours."""
+    proc = subprocess.run(
+        [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(tmp_path), str(REPO)],
+        capture_output=True, text=True, timeout=300, cwd=tmp_path,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    (wheel,) = tmp_path.glob("avssl-*.whl")
+    names = zipfile.ZipFile(wheel).namelist()
+    tops = {n.split("/")[0] for n in names if not n.split("/")[0].endswith((".dist-info", ".data"))}
+    assert tops == {"avssl"}, tops
+    for name in FOLDERS:
+        assert f"avssl/{name}/__init__.py" not in names
+        assert any(n.startswith(f"avssl/{name}/") and n.endswith(".py") for n in names), name
+    assert "avssl/kernels/attention.py" in names and "avssl/pretrain/modeling.py" in names
 
 
 def test_no_installed_distribution_claims_our_top_level_name():

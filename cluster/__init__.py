@@ -1,1 +1,0 @@
-"""avssl.cluster: everything that touches Ray, DeepSpeed engines, job submission and MLflow."""

@@ -1,1 +1,0 @@
-"""avssl.finetune: heads, tasks, datasets and metrics for emotion, speaker verification and spoof detection."""
