@@ -34,33 +34,41 @@ Probability = Annotated[float, Field(ge=0.0, lt=1.0)]
 class ModelConfig(Section):
     """The network: an architecture from the registry plus input geometry and switches."""
 
-    arch: str = "avvit_base_patch16"
-    # Attention kernel, chosen by config alone: "triton" is registered lazily by avssl.kernels.
-    attn_implementation: Literal["eager", "sdpa", "triton"] = "sdpa"
-    audio_num_mel_bins: PositiveInt = 128
-    # Frames per clip the positional embedding is stored for (10 ms shift: 200 = 2 s). Other lengths
-    # still run: the model pads time to its patch grid and recomputes / interpolates positions.
-    audio_num_frames: PositiveInt = 200
-    audio_patch_size: PositiveInt = 16
-    # Patch strides (frequency, time) in bins/frames; smaller than the patch = overlapping (AST uses 10).
-    audio_freq_stride: PositiveInt = 16
-    audio_time_stride: PositiveInt = 16
-    video_image_size: PositiveInt = 224
-    video_num_frames: PositiveInt = 1
-    video_patch_size: PositiveInt = 16
-    separate_modality_norms: bool = True
-    pos_embed_type: Literal["sincos", "learned"] = "sincos"
-    use_cls_token: bool = False
-    # Hugging Face ViT / ViT-MAE directory to initialize the shared backbone from (None = random init).
-    init_from: str | None = None
-    # Decoder of the masked-data-modeling branch; None = the architecture's default (base: 512 x 8).
-    decoder_hidden_size: PositiveInt | None = None
-    decoder_num_hidden_layers: PositiveInt | None = None
-    decoder_num_attention_heads: PositiveInt | None = None
-    hidden_dropout: Probability = 0.0
-    attention_dropout: Probability = 0.0
-    drop_path_rate: Probability = 0.0
-    gradient_checkpointing: bool = False
+    arch: str = Field("avvit_base_patch16", description="architecture from the registry (pretrain/registry.py): avvit_{tiny,small,base,large}_patch16")
+    attn_implementation: Literal["eager", "sdpa", "triton"] = Field(
+        "sdpa", description="attention kernel: eager (reference), sdpa (PyTorch) or triton (avssl.kernels, falls back to sdpa without Triton)"
+    )
+    audio_num_mel_bins: PositiveInt = Field(128, description="fbank bins per frame; equals features.num_mel_bins")
+    audio_num_frames: PositiveInt = Field(
+        200,
+        description="fbank frames the positional embedding is stored for (10 ms shift: 200 = 2 s); other lengths "
+        "are padded to the patch grid with positions recomputed or interpolated",
+    )
+    audio_patch_size: PositiveInt = Field(16, description="side of an audio patch, in bins and frames")
+    audio_freq_stride: PositiveInt = Field(16, description="patch stride along frequency; below the patch size patches overlap (AST: 10)")
+    audio_time_stride: PositiveInt = Field(16, description="patch stride along time; below the patch size patches overlap")
+    video_image_size: PositiveInt = Field(224, description="side of the face frames in pixels; equals features.image_size")
+    video_num_frames: PositiveInt = Field(1, description="face frames per clip; equals features.num_frames")
+    video_patch_size: PositiveInt = Field(16, description="side of an RGB patch in pixels")
+    separate_modality_norms: bool = Field(True, description="one LayerNorm per modality in every block and at the end (AVSiam); false: shared")
+    pos_embed_type: Literal["sincos", "learned"] = Field(
+        "sincos", description="sincos: fixed 2-D sin-cos positions (MAE); learned: trained, interpolated to other grids"
+    )
+    use_cls_token: bool = Field(
+        False, description="a CLS token per modality; its output is the pooled embedding, else the mean of the real tokens"
+    )
+    init_from: str | None = Field(
+        None, description="Hugging Face ViT or ViT-MAE directory to initialize the shared backbone from; null: random init"
+    )
+    decoder_hidden_size: PositiveInt | None = Field(
+        None, description="width of the reconstruction decoder; null: the architecture's (base: 512)"
+    )
+    decoder_num_hidden_layers: PositiveInt | None = Field(None, description="decoder layers; null: the architecture's (base: 8)")
+    decoder_num_attention_heads: PositiveInt | None = Field(None, description="decoder heads; null: the architecture's (base: 16)")
+    hidden_dropout: Probability = Field(0.0, description="dropout on the embeddings and on each attention and MLP output")
+    attention_dropout: Probability = Field(0.0, description="dropout on the attention weights")
+    drop_path_rate: Probability = Field(0.0, description="stochastic depth of the last layer, rising linearly from 0 at the first")
+    gradient_checkpointing: bool = Field(False, description="recompute encoder layer activations in backward to save memory")
 
     @field_validator("arch")
     @classmethod
@@ -100,10 +108,18 @@ class ModelConfig(Section):
 class ViewMaskingConfig(Section):
     """Masking of one view: ratios per modality (several = contrastive sub-batches) and the mode."""
 
-    audio_ratios: list[Ratio] = Field(min_length=1)
-    video_ratios: list[Ratio] = Field(min_length=1)
-    audio_mode: AudioMaskMode = "unstructured"
-    video_mode: VideoMaskMode = "random"
+    audio_ratios: list[Ratio] = Field(
+        min_length=1, description="share of audio patches masked; several ratios go to equal sub-batches, one each"
+    )
+    video_ratios: list[Ratio] = Field(min_length=1, description="share of video patches masked, as audio_ratios")
+    audio_mode: AudioMaskMode = Field(
+        "unstructured",
+        description="unit masked whole: unstructured (a patch), time (a time column), frequency (a frequency row) or "
+        "tf_block (masking.audio_block_size patches)",
+    )
+    video_mode: VideoMaskMode = Field(
+        "random", description="unit masked whole: random (a patch) or tube (one position in every frame, VideoMAE)"
+    )
 
 
 def _contrastive_default() -> ViewMaskingConfig:
@@ -122,10 +138,18 @@ def _reconstruction_default() -> ViewMaskingConfig:
 class MaskingConfig(Section):
     """Asymmetric masking: a light contrastive view and a heavy reconstruction view (see masking.py)."""
 
-    contrastive: ViewMaskingConfig = Field(default_factory=_contrastive_default)
-    reconstruction: ViewMaskingConfig = Field(default_factory=_reconstruction_default)
-    # Block of the audio "tf_block" mode, in patches: (frequency, time).
-    audio_block_size: list[PositiveInt] = Field(default_factory=lambda: [2, 2], min_length=2, max_length=2)
+    contrastive: ViewMaskingConfig = Field(
+        default_factory=_contrastive_default,
+        description="the light view: each modality encoded alone for the contrasts (AVSiam's ratios)",
+    )
+    reconstruction: ViewMaskingConfig = Field(
+        default_factory=_reconstruction_default,
+        description="the heavy view: the joint audio-visual sequence for masked data modeling (CAV-MAE's 0.75)",
+    )
+    audio_block_size: list[PositiveInt] = Field(
+        default_factory=lambda: [2, 2], min_length=2, max_length=2,
+        description="block of the audio tf_block mode, in patches: (frequency, time)",
+    )
 
     @model_validator(mode="after")
     def _reconstruction_masks_something(self) -> MaskingConfig:
@@ -139,49 +163,51 @@ class LossConfig(Section):
     """Weights of the objectives: loss = w_rec * (w_a * rec_audio + w_v * rec_video) + w_con * contrastive
     + w_seg * segment."""
 
-    reconstruction_weight: Annotated[float, Field(ge=0.0)] = 1.0
-    contrastive_weight: Annotated[float, Field(ge=0.0)] = 0.01
-    audio_reconstruction_weight: Annotated[float, Field(ge=0.0)] = 1.0
-    video_reconstruction_weight: Annotated[float, Field(ge=0.0)] = 1.0
-    temperature: Annotated[float, Field(gt=0.0, le=1.0)] = 0.05
-    learn_temperature: bool = False
-    # Head between the pooled embeddings and the contrastive loss, one per modality, dropped at
-    # release. "none": the loss reads the backbone's pooled embeddings (CAV-MAE, AVSiam). "mlp":
-    # Linear -> BatchNorm -> GELU -> Linear -> BatchNorm without affine (SimCLR, MoCo v3), which
-    # (1) centres the pooled embeddings, whose cosines are 0.97 (audio) and 0.87 (video) between
-    # unrelated clips at initialization, so the contrast trains from the first steps instead of
-    # sitting at chance, and (2) takes the invariances the contrast asks for, so the backbone's own
-    # features keep more of what the contrast does not need (SimCLR, section 4.2).
-    projection: Literal["none", "mlp"] = "none"
-    projection_dim: Annotated[int, Field(ge=8)] = 256
-    # Upper bound of the learned 1/temperature (CLIP's 100).
-    max_logit_scale: Annotated[float, Field(gt=1.0)] = 100.0
-    # Per-patch normalized video targets (MAE's norm_pix_loss).
-    norm_pix_loss: bool = True
-    # Per-patch normalized fbank targets (AudioMAE / CAV-MAE papers). On the synthetic corpus a
-    # normalized 16x16 fbank patch is close to noise (1 - r^2 with its time neighbour 0.85-0.97) and
-    # the audio reconstruction loss stays near 1, yet the demo's audio embeddings verify speakers
-    # better than with raw targets (zero-shot audio EER 41.9 % vs 47.5 %, AV 7.5 % vs 13.1 %; random
-    # backbone 48.8 %, 13.1 %): the contrastive branch then shapes the audio encoder. False: raw fbank
-    # targets, whose level and band shape context does predict (the loss falls from 0.83 to 0.18), at
-    # the cost of those speaker cues. README, "The model".
-    audio_norm_pix_loss: bool = True
-    # Segment contrast (COLA, BYOL-A: two segments of one clip are a positive pair), per modality:
-    # the first and the second half of a clip in time (audio patch columns, video frames), each
-    # encoded alone and mean-pooled, InfoNCE against the other clips' halves. Only what holds for
-    # the whole clip (speaker, emotion, recording channel, a spoofing artefact) tells two halves of
-    # one clip from two halves of another clip of the same speaker; what changes within it (the
-    # syllables, the head's sway) does not. 0 = off. With `projection: mlp` it has its own heads.
-    # The halves are pooled as the mean of their patch outputs, never a CLS output: with
-    # `model.use_cls_token` the CLS output stays the AV contrast's (and the release's) embedding.
-    segment_weight: Annotated[float, Field(ge=0.0)] = 0.0
-    segment_temperature: Annotated[float, Field(gt=0.0, le=1.0)] = 0.1
-    # Hard negatives in both contrasts (Robinson et al., ICLR 2021): each anchor's negatives are
-    # weighted by exp(beta * cosine), normalized to mean 1, so the clips most like it count most. On
-    # a corpus with deepfakes the nearest negative of a clip can be its own spoof or source,
-    # which differ only by the artefacts; plain InfoNCE lets the other negatives drown that pair
-    # out. 0 = plain InfoNCE.
-    hard_negative_beta: Annotated[float, Field(ge=0.0)] = 0.0
+    reconstruction_weight: Annotated[float, Field(ge=0.0)] = Field(1.0, description="w_rec: weight of masked data modeling")
+    contrastive_weight: Annotated[float, Field(ge=0.0)] = Field(0.01, description="w_con: weight of the audio-visual contrast")
+    audio_reconstruction_weight: Annotated[float, Field(ge=0.0)] = Field(1.0, description="w_a: weight of the audio reconstruction term")
+    video_reconstruction_weight: Annotated[float, Field(ge=0.0)] = Field(1.0, description="w_v: weight of the video reconstruction term")
+    temperature: Annotated[float, Field(gt=0.0, le=1.0)] = Field(0.05, description="temperature of the audio-visual contrast")
+    learn_temperature: bool = Field(False, description="learn the AV contrast's 1/temperature, starting at 1/temperature")
+    # Why a projection head: (1) it centres the pooled embeddings, whose cosines are 0.97 (audio) and
+    # 0.87 (video) between unrelated clips at initialization, so the contrast trains from the first
+    # steps instead of sitting at chance; (2) it takes the invariances the contrast asks for, so the
+    # backbone's own features keep more of what the contrast does not need (SimCLR, section 4.2).
+    projection: Literal["none", "mlp"] = Field(
+        "none",
+        description="none: the contrasts read the pooled embeddings (CAV-MAE, AVSiam); mlp: a head per modality, "
+        "Linear-BatchNorm-GELU-Linear-BatchNorm without affine (SimCLR, MoCo v3), dropped at release",
+    )
+    projection_dim: Annotated[int, Field(ge=8)] = Field(256, description="output width of the projection heads")
+    max_logit_scale: Annotated[float, Field(gt=1.0)] = Field(100.0, description="upper bound of the learned 1/temperature (CLIP's 100)")
+    norm_pix_loss: bool = Field(True, description="per-patch normalized video targets (MAE's norm_pix_loss); false: raw pixels")
+    # Measured on the synthetic corpus: a normalized 16x16 fbank patch is close to noise (1 - r^2 with
+    # its time neighbour 0.85-0.97) and the audio reconstruction loss stays near 1, yet the demo's audio
+    # embeddings verify speakers better than with raw targets (zero-shot audio EER 41.9 % vs 47.5 %,
+    # AV 7.5 % vs 13.1 %; random backbone 48.8 %, 13.1 %): the contrastive branch then shapes the audio
+    # encoder. Raw targets keep the level and band shape that context does predict (the loss falls
+    # from 0.83 to 0.18), at the cost of those speaker cues. docs/model.md, "Reconstruction targets".
+    audio_norm_pix_loss: bool = Field(
+        True, description="per-patch normalized fbank targets (AudioMAE, CAV-MAE); false: raw fbank values"
+    )
+    # Only what holds for the whole clip (speaker, emotion, recording channel, a spoofing artefact)
+    # tells two halves of one clip from two halves of another clip of the same speaker; what changes
+    # within it (the syllables, the head's sway) does not. The halves are pooled as the mean of their
+    # patch outputs, never a CLS output: with `model.use_cls_token` the CLS output stays the AV
+    # contrast's (and the release's) embedding. With `projection: mlp` it has its own heads.
+    segment_weight: Annotated[float, Field(ge=0.0)] = Field(
+        0.0,
+        description="w_seg: segment contrast per modality (COLA, BYOL-A): a clip's first and second half in time, "
+        "each encoded alone, are a positive pair against the other clips' halves; 0: off",
+    )
+    segment_temperature: Annotated[float, Field(gt=0.0, le=1.0)] = Field(0.1, description="temperature of the segment contrast")
+    # On a corpus with deepfakes the nearest negative of a clip can be its own spoof or source, which
+    # differ only by the artefacts; plain InfoNCE lets the other negatives drown that pair out.
+    hard_negative_beta: Annotated[float, Field(ge=0.0)] = Field(
+        0.0,
+        description="hard negatives in both contrasts (Robinson et al., ICLR 2021): each anchor's negatives weighted "
+        "by exp(beta x cosine), normalized to mean 1; 0: plain InfoNCE",
+    )
 
     @model_validator(mode="after")
     def _something_to_learn(self) -> LossConfig:
@@ -234,7 +260,7 @@ def build_model(model: ModelConfig, masking: MaskingConfig | None = None, loss: 
     # Imported here: modeling imports this module for MaskingConfig / LossConfig.
     from .init_from_vit import load_vit_weights
     from .masking import num_masked
-    from .modeling import AVViTForPretraining, ensure_attention_implementation
+    from .modeling import AVViTForPretraining, enable_activation_checkpointing, ensure_attention_implementation
 
     masking = masking or MaskingConfig()
     loss = loss or LossConfig()
@@ -254,7 +280,7 @@ def build_model(model: ModelConfig, masking: MaskingConfig | None = None, loss: 
     if model.init_from is not None:
         load_vit_weights(net.avvit, model.init_from)
     if model.gradient_checkpointing:
-        net.activation_checkpointing_enable()
+        enable_activation_checkpointing(net)
     return net
 
 

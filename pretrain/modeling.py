@@ -17,7 +17,7 @@ by itself when torch.distributed is initialized, see losses.py).
   return NaN); its outputs are meaningless and are zeroed in the pooled embeddings.
 - Attention goes through transformers' registry: `config._attn_implementation` picks "eager" (the
   reference below), "sdpa", or any registered name ("triton" is registered on demand by
-  `avssl.kernels.register_attention`).
+  `avssl.kernels.hf_attention.register_attention`).
 - `AVViTForPretraining` = encoder + light decoder; one `forward` runs the contrastive view (each
   modality encoded alone, lightly masked) and the reconstruction view (both modalities jointly,
   heavily masked; decoder with mask tokens; loss on masked patches).
@@ -47,6 +47,14 @@ from .masking import ModalityMask, audio_halves, mask_audio, mask_video, video_h
 # Modality segments of a sequence, in order: (("audio", La), ("video", Lv)).
 Segments = tuple[tuple[str, int], ...]
 MODALITIES = ("audio", "video")
+
+
+def enable_activation_checkpointing(model: PreTrainedModel) -> None:
+    """Recompute each layer's activations in the backward pass. transformers names the switch
+    `activation_checkpointing_enable` from 5.2x on and `gradient_checkpointing_enable` before
+    (5.17 is what the GPU image has): call whichever the installed version has."""
+    enable = getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable
+    enable()
 
 
 def ensure_attention_implementation(name: str | None) -> None:
