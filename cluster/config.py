@@ -21,10 +21,10 @@ class OptimConfig(Section):
     """AdamW with linear warmup and cosine decay (MAE's recipe)."""
 
     base_lr: float = Field(1.5e-4, gt=0, description="learning rate per 256 samples; absolute lr = base_lr x batch / 256")
-    weight_decay: float = Field(0.05, ge=0)
-    betas: list[float] = Field(default_factory=lambda: [0.9, 0.95], min_length=2, max_length=2)
-    eps: float = Field(1e-8, gt=0)
-    warmup_steps: int = Field(100, ge=0)
+    weight_decay: float = Field(0.05, ge=0, description="AdamW weight decay; norms, biases, positions and tokens get none (MAE)")
+    betas: list[float] = Field(default_factory=lambda: [0.9, 0.95], min_length=2, max_length=2, description="AdamW (beta1, beta2)")
+    eps: float = Field(1e-8, gt=0, description="AdamW epsilon")
+    warmup_steps: int = Field(100, ge=0, description="steps of linear warmup to the peak lr, before the cosine decay")
     min_lr_ratio: float = Field(0.0, ge=0, le=1, description="cosine floor as a fraction of the peak lr")
     grad_clip: float = Field(1.0, ge=0, description="max global grad norm (0: off)")
 
@@ -32,10 +32,12 @@ class OptimConfig(Section):
 class DeepSpeedConfig(Section):
     """Engine settings; the DeepSpeed JSON is generated from these (cluster/engine.py)."""
 
-    zero_stage: Literal[0, 1, 2, 3] = 1
+    zero_stage: Literal[0, 1, 2, 3] = Field(
+        1, description="ZeRO stage: 0 off; 1 shards optimizer states, 2 also gradients, 3 also parameters"
+    )
     precision: Literal["auto", "bf16", "fp32"] = Field("auto", description="auto: bf16 on GPU, fp32 on CPU")
-    grad_accum: int = Field(1, ge=1)
-    activation_checkpointing: bool = False
+    grad_accum: int = Field(1, ge=1, description="micro-batches accumulated per optimizer step")
+    activation_checkpointing: bool = Field(False, description="recompute layer activations in backward to save memory")
 
 
 class TrainerConfig(Section):
@@ -45,14 +47,14 @@ class TrainerConfig(Section):
     storage_path: str = Field("runs", description="checkpoints and run state (shared storage on multi-node clusters)")
     num_workers: int = Field(2, ge=1, description="training workers (ranks), or the maximum when elastic")
     min_workers: int | None = Field(None, ge=1, description="set for elastic training: (min_workers, num_workers)")
-    cpus_per_worker: float = Field(1.0, gt=0)
+    cpus_per_worker: float = Field(1.0, gt=0, description="CPUs Ray reserves per worker")
     gpus_per_worker: float = Field(0.0, ge=0, description="0: CPU training with gloo")
     max_failures: int = Field(3, ge=-1, description="worker-group restarts from the last checkpoint (-1: forever)")
-    total_steps: int = Field(200, ge=1)
-    log_every: int = Field(10, ge=1)
-    checkpoint_every: int = Field(50, ge=1)
-    keep_checkpoints: int = Field(3, ge=1)
-    seed: int = 0
+    total_steps: int = Field(200, ge=1, description="optimizer steps of the whole run (a resumed run continues to it)")
+    log_every: int = Field(10, ge=1, description="steps between metric reductions and logging")
+    checkpoint_every: int = Field(50, ge=1, description="steps between checkpoints")
+    keep_checkpoints: int = Field(3, ge=1, description="most recent checkpoints kept in storage")
+    seed: int = Field(0, description="seed of the model initialization and of the masks")
     export: bool = Field(True, description="write a released checkpoint directory at the end")
 
     @model_validator(mode="after")
@@ -65,10 +67,12 @@ class TrainerConfig(Section):
 class MlflowConfig(Section):
     """Tracking: MLFLOW_TRACKING_URI or tracking_uri; default a SQLite store next to the runs."""
 
-    tracking_uri: str | None = None
-    experiment: str = "avssl-pretrain"
+    tracking_uri: str | None = Field(
+        None, description="null: MLFLOW_TRACKING_URI, else sqlite:///<trainer.storage_path>/mlflow.db"
+    )
+    experiment: str = Field("avssl-pretrain", description="MLflow experiment name")
     run_name: str | None = Field(None, description="default: trainer.name")
-    tags: dict[str, str] = Field(default_factory=dict)
+    tags: dict[str, str] = Field(default_factory=dict, description="extra tags set on the MLflow run")
     register_model: str | None = Field(None, description="register the released checkpoint under this name")
     retries: int = Field(3, ge=0, description="attempts per call before a metric batch is dropped")
     timeout_s: float = Field(10.0, gt=0, description="HTTP timeout per tracking call")

@@ -21,6 +21,8 @@ from typing import Any, Iterator
 import torch
 
 from avssl import AvsslError
+from avssl.cluster.checkpoint import DS_TAG, MODEL_STATES, load_tensors, weights_only_deepspeed
+from avssl.cluster.checkpoint import latest_checkpoint  # noqa: F401  (the CLI and finetune import it from here)
 from avssl.cluster.config import PretrainRecipe
 from avssl.config import load_config, to_yaml
 
@@ -32,30 +34,22 @@ PRETRAINED_PURPOSE = (
 )
 
 
-def consolidated_state_dict(checkpoint_dir: Path, tag: str = "ds") -> dict[str, torch.Tensor]:
-    """fp32 weights from a DeepSpeed checkpoint of any ZeRO stage (zero_to_fp32 for 1-3)."""
+def consolidated_state_dict(checkpoint_dir: Path, tag: str = DS_TAG) -> dict[str, torch.Tensor]:
+    """fp32 weights from a DeepSpeed checkpoint of any ZeRO stage (zero_to_fp32 for 1-3), read
+    without unpickling (cluster/checkpoint.py): a file holding Python objects is refused."""
     tag_dir = checkpoint_dir / tag
     if not tag_dir.is_dir():
         raise AvsslError(f"{checkpoint_dir}: no DeepSpeed checkpoint (expected a {tag}/ folder)")
     if any(tag_dir.glob("*optim_states.pt")) and any(tag_dir.glob("zero_pp_rank_*")):
         from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
-        return get_fp32_state_dict_from_zero_checkpoint(str(checkpoint_dir), tag=tag)
-    # ZeRO-0: rank 0's model file holds the full module (our own run's file, not user input).
-    states = torch.load(tag_dir / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False)
+        with weights_only_deepspeed():
+            return get_fp32_state_dict_from_zero_checkpoint(str(checkpoint_dir), tag=tag)
+    # ZeRO-0: rank 0's model file holds the full module.
+    states = load_tensors(tag_dir / MODEL_STATES)
+    if not isinstance(states, dict) or not isinstance(states.get("module"), dict):
+        raise AvsslError(f"{tag_dir / MODEL_STATES}: not a DeepSpeed model file (no 'module' weights)")
     return {k: v.float() for k, v in states["module"].items()}
-
-
-def latest_checkpoint(run_or_checkpoint: Path) -> Path:
-    """A run directory (its newest checkpoint_*) or a checkpoint directory itself."""
-    p = Path(run_or_checkpoint)
-    if (p / "ds").is_dir():
-        return p
-    found = sorted(p.glob("checkpoint_*"))
-    found = [c for c in found if (c / "ds").is_dir()]
-    if not found:
-        raise AvsslError(f"{p}: neither a run directory with checkpoint_* folders nor a checkpoint")
-    return found[-1]
 
 
 def run_recipe(checkpoint: Path) -> PretrainRecipe:
@@ -123,6 +117,8 @@ def export_release(checkpoint: Path, out: Path, recipe: PretrainRecipe, metrics:
 
 
 def model_card(recipe: Any, checkpoint: Path, metrics: dict[str, Any], purpose: str | None = None) -> str:
+    from avssl.cluster.tracking import public_recipe  # the card is published: no tracking credentials
+
     rows = "\n".join(f"| {k} | {v:.6g} |" if isinstance(v, float) else f"| {k} | {v} |" for k, v in sorted(metrics.items()))
     return f"""---
 library_name: transformers
@@ -152,5 +148,5 @@ Exported from `{checkpoint}`.
 ## Training config
 
 ```yaml
-{to_yaml(recipe)}```
+{to_yaml(public_recipe(recipe))}```
 """

@@ -11,6 +11,7 @@ run's STOP file: the workers checkpoint at their next log step and exit; re-runn
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -25,13 +26,16 @@ from typing import Any
 
 from avssl import AvsslError
 from avssl.cluster.config import PretrainRecipe, derive
+from avssl.cluster.checkpoint import complete_checkpoints
 from avssl.cluster.export import RUN_CONFIG, export_release
+from avssl.cluster.runlock import LOCK_FILE, RunLock
 from avssl.cluster.train import train_func
-from avssl.cluster.tracking import MlflowLogger, open_run, resolve_tracking_uri
+from avssl.cluster.tracking import MlflowLogger, open_run, public_recipe, redact_uri, resolve_tracking_uri
 from avssl.config import flatten, save_resolved
 
 log = logging.getLogger("avssl.launch")
 
+LOCAL_RAY_OPTIONS = {"_node_ip_address": "127.0.0.1", "dashboard_host": "127.0.0.1"}
 REMOTE_SCHEMES = ("s3://", "gs://", "gcs://", "abfs://", "hdfs://", "az://")
 
 
@@ -54,8 +58,31 @@ def init_ray(address: str | None) -> None:
         return
     if address:
         ray.init(address=address, log_to_driver=True)
-    else:  # the embedded default: a private local instance
-        ray.init(log_to_driver=True)  # the dashboard hosts the state API Ray Train polls
+    else:  # the embedded default: a private local instance, reachable from this machine only
+        # (a Ray node runs any code it is sent). The dashboard hosts the state API Ray Train polls.
+        with _loopback_node():
+            ray.init(log_to_driver=True, **LOCAL_RAY_OPTIONS)
+
+
+@contextlib.contextmanager
+def _loopback_node():
+    """On Linux Ray replaces a node address of 127.0.0.1 by the machine's network address, and its
+    servers then listen on every interface, unless Ray's single-machine mode (the one it uses on
+    macOS and Windows) is on. Switch it on while the local instance starts: its processes inherit
+    the variable and bind to the loopback address only."""
+    from ray._private import ray_constants
+
+    saved_env, saved_flag = os.environ.get(ray_constants.ENABLE_RAY_CLUSTERS_ENV_VAR), ray_constants.ENABLE_RAY_CLUSTER
+    os.environ[ray_constants.ENABLE_RAY_CLUSTERS_ENV_VAR] = "0"
+    ray_constants.ENABLE_RAY_CLUSTER = False
+    try:
+        yield
+    finally:
+        ray_constants.ENABLE_RAY_CLUSTER = saved_flag
+        if saved_env is None:
+            os.environ.pop(ray_constants.ENABLE_RAY_CLUSTERS_ENV_VAR, None)
+        else:
+            os.environ[ray_constants.ENABLE_RAY_CLUSTERS_ENV_VAR] = saved_env
 
 
 def check_shared_storage(storage: Path) -> None:
@@ -167,6 +194,23 @@ def plot_loss_curves(uri: str, run_id: str, out: Path) -> Path | None:
     return out
 
 
+def objectives_off(recipe: Any, modalities: dict[str, int]) -> list[str]:
+    """The pretraining objectives that a corpus of these modalities cannot train (weight > 0 but
+    no sample to compute them on), each with the reason."""
+    loss = recipe.loss
+    audio = modalities.get("audio+video", 0) + modalities.get("audio", 0)
+    video = modalities.get("audio+video", 0) + modalities.get("video", 0)
+    off = []
+    if loss.contrastive_weight > 0 and not modalities.get("audio+video"):
+        off.append("loss_contrastive (the audio-visual contrast needs clips with both audio and video)")
+    rec = loss.reconstruction_weight > 0
+    if rec and loss.audio_reconstruction_weight > 0 and not audio:
+        off.append("loss_rec_audio (no clip has audio)")
+    if rec and loss.video_reconstruction_weight > 0 and not video:
+        off.append("loss_rec_video (no clip has video)")
+    return off
+
+
 def check_corpus(recipe: Any) -> Any:
     """Fail before starting any worker if the corpus or its statistics are missing, and pass
     workers an absolute path (Ray workers run in their own working directory)."""
@@ -226,17 +270,40 @@ def run_pretraining(recipe: PretrainRecipe, address: str | None = None) -> RunRe
                         export=lambda ckpt, out, metrics: export_release(ckpt, out, recipe, metrics))
 
 
+def storage_location(trainer: Any) -> str:
+    """trainer.storage_path as Ray gets it: an object store URI as is, a local path absolute."""
+    p = trainer.storage_path
+    return p if p.startswith(REMOTE_SCHEMES) else str(Path(p).resolve())
+
+
 def run_training(recipe: Any, address: str | None, *, kind: str, export=None,
                  extra: dict[str, Any] | None = None, prepare=None) -> RunResult:
     """The one driver for pretraining and finetuning (their recipes share the data, features,
     optim, deepspeed, trainer and mlflow sections). `prepare(run_dir)` runs after Ray is up and
-    may return extra worker config; `export(checkpoint, out, metrics)` writes the release."""
+    may return extra worker config; `export(checkpoint, out, metrics)` writes the release.
+    Holds the run's lock (cluster/runlock.py) throughout: a second driver of the same run refuses."""
+    lock = Path(storage_location(recipe.trainer)) / recipe.trainer.name / "avssl" / LOCK_FILE
+    with RunLock(lock):
+        return _run_training(recipe, address, kind=kind, export=export, extra=extra, prepare=prepare)
+
+
+def _run_training(recipe: Any, address: str | None, *, kind: str, export=None,
+                  extra: dict[str, Any] | None = None, prepare=None) -> RunResult:
     import ray.train
     from ray.train.torch import TorchTrainer
 
     recipe = check_corpus(recipe)
+    off = []
+    if kind == "pretrain":
+        from avssl.data.shards import CorpusIndex
+
+        modalities = CorpusIndex.load(recipe.data.corpus).modalities(recipe.data.split)
+        off = objectives_off(recipe, modalities)
+        if off:
+            log.warning("corpus %s (%s): these objectives are off and log 0: %s", recipe.data.corpus,
+                        ", ".join(f"{k} {v}" for k, v in modalities.items()), "; ".join(off))
     t = recipe.trainer
-    storage = t.storage_path if t.storage_path.startswith(REMOTE_SCHEMES) else str(Path(t.storage_path).resolve())
+    storage = storage_location(t)
     if not storage.startswith(REMOTE_SCHEMES):
         Path(storage).mkdir(parents=True, exist_ok=True)
     init_ray(address)
@@ -248,7 +315,8 @@ def run_training(recipe: Any, address: str | None, *, kind: str, export=None,
     for marker in ("STOP", "PREEMPTED"):
         (control / marker).unlink(missing_ok=True)
     check_resumable(recipe, run_dir)
-    save_resolved(recipe, control / RUN_CONFIG)
+    complete_checkpoints(run_dir)  # names any partial checkpoint; Ray resumes from its registered one
+    save_resolved(public_recipe(recipe), control / RUN_CONFIG)  # written down and logged: no credentials
     extra = {**(extra or {}), **((prepare(run_dir) if prepare else None) or {})}
 
     uri = resolve_tracking_uri(recipe.mlflow, storage)
@@ -258,17 +326,19 @@ def run_training(recipe: Any, address: str | None, *, kind: str, export=None,
             run_id = open_run(recipe.mlflow, uri, t.name, storage)
             break
         except Exception as exc:
-            log.warning("MLflow at %s unavailable (%s)%s", uri, exc, "; retrying" if attempt < recipe.mlflow.retries else
+            log.warning("MLflow at %s unavailable (%s)%s", redact_uri(uri), exc, "; retrying" if attempt < recipe.mlflow.retries else
                         "; this run goes on untracked")
             time.sleep(min(10, 2**attempt))
     tracker = MlflowLogger(uri, run_id, recipe.mlflow) if run_id else None
     world = t.num_workers
     derived = derive(recipe, world)
+    if tracker and off:
+        tracker.set_tags({"avssl.objectives_off": "; ".join(off)})
     if tracker:
-        tracker.log_params({**flatten(recipe), **{f"derived.{k}": v for k, v in derived.items()}, **environment_params()})
+        tracker.log_params({**flatten(public_recipe(recipe)), **{f"derived.{k}": v for k, v in derived.items()}, **environment_params()})
         tracker.log_artifact(control / RUN_CONFIG)
     log.info("run %s: %d workers, effective batch %d, absolute lr %.4g, MLflow %s (run %s)",
-             t.name, world, derived["effective_batch"], derived["absolute_lr"], uri, run_id)
+             t.name, world, derived["effective_batch"], derived["absolute_lr"], redact_uri(uri), run_id)
 
     scaling = ray.train.ScalingConfig(
         num_workers=(t.min_workers, t.num_workers) if t.min_workers else t.num_workers,
@@ -334,7 +404,7 @@ def result_summary(result: RunResult) -> str:
         lines.append(f"latest checkpoint: {result.checkpoint}")
     if result.release:
         lines.append(f"released checkpoint: {result.release}")
-    lines.append(f"MLflow: {result.tracking_uri} run {result.mlflow_run_id}")
+    lines.append(f"MLflow: {redact_uri(result.tracking_uri)} run {result.mlflow_run_id}")
     if result.metrics:
         lines.append("final metrics: " + json.dumps({k: round(v, 5) if isinstance(v, float) else v for k, v in result.metrics.items()}))
     return "\n".join(lines)

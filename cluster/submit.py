@@ -4,8 +4,11 @@ The job's runtime environment ships the source tree as `working_dir` (without da
 checkpoints, MLflow stores, virtualenvs or git history) and runs `python -m avssl.cli <command>`
 inside it, so the cluster executes exactly the submitted code. Python dependencies are expected
 in the cluster's image (cluster/ray-cluster.yaml installs them); `--pip` adds packages to the
-job's environment. Token authentication (Ray >= 2.52 enables it on new clusters): set
-RAY_AUTH_TOKEN, RAY_AUTH_TOKEN_PATH or pass --token; Ray's client sends it as a bearer token.
+job's environment. Token authentication (Ray >= 2.52 enables it on new clusters): the token is
+found in --token-file, RAY_AUTH_TOKEN, RAY_AUTH_TOKEN_PATH or ~/.ray/auth_token (`find_token`) and
+sent as a bearer token, with RAY_AUTH_MODE=token set, which Ray's client needs to send one at all.
+--token works too but shows the secret in `ps` and the shell history. A server that answers
+401/403 refused the token; one that does not answer is unreachable: the errors say which.
 
 A Ray job does not retry by itself: resubmitting the same recipe (same trainer.name and
 storage_path) resumes from its latest checkpoint. Submission itself does retry while the head has
@@ -42,19 +45,73 @@ def source_root() -> Path:
     return root
 
 
-def client(address: str, token: str | None = None):
+def find_token(token: str | None = None, token_file: str | Path | None = None,
+               env: dict[str, str] | None = None, home: Path | None = None) -> tuple[str | None, str | None]:
+    """(token, where it came from), looked up as Ray does after the two flags: --token,
+    --token-file, RAY_AUTH_TOKEN, RAY_AUTH_TOKEN_PATH, ~/.ray/auth_token; (None, None) if none."""
+    env = os.environ if env is None else env
     if token:
-        os.environ["RAY_AUTH_TOKEN"] = token
+        return token.strip(), "--token"
+    if token_file:
+        return _read_token(Path(token_file).expanduser(), f"--token-file {token_file}"), f"--token-file {token_file}"
+    if env.get("RAY_AUTH_TOKEN", "").strip():
+        return env["RAY_AUTH_TOKEN"].strip(), "RAY_AUTH_TOKEN"
+    if env.get("RAY_AUTH_TOKEN_PATH"):
+        source = f"RAY_AUTH_TOKEN_PATH={env['RAY_AUTH_TOKEN_PATH']}"
+        return _read_token(Path(env["RAY_AUTH_TOKEN_PATH"]).expanduser(), source), source
+    default = (home or Path.home()) / ".ray" / "auth_token"
+    if default.is_file():
+        return _read_token(default, str(default)), str(default)
+    return None, None
+
+
+def _read_token(path: Path, source: str) -> str:
+    if not path.is_file():
+        raise AvsslError(f"{source}: token file {path} not found; point it at the cluster's token file")
+    text = path.read_text().strip()
+    if not text:
+        raise AvsslError(f"{source}: the token file {path} is empty")
+    return text
+
+
+def client(address: str, token: str | None = None, token_file: str | Path | None = None):
+    """A job submission client for `address`, sending the token found by `find_token` if any.
+    Ray's client sends a token only when RAY_AUTH_MODE=token, so finding one sets it for this
+    process and what it starts; the token also goes in the request header explicitly."""
+    secret, source = find_token(token, token_file)
+    headers = None
+    if secret:
         os.environ["RAY_AUTH_MODE"] = "token"
+        headers = {"Authorization": f"Bearer {secret}"}
     from ray.job_submission import JobSubmissionClient
 
     try:
-        return JobSubmissionClient(address)
+        return JobSubmissionClient(address, headers=headers)
     except Exception as exc:
+        if not _refused(exc):
+            raise AvsslError(
+                f"cannot reach the Ray job server at {address} ({exc}). Use the dashboard address "
+                "(http://HEAD:8265) and check that the head is up and reachable from here."
+            ) from None
+        if secret:
+            raise AvsslError(
+                f"the Ray job server at {address} refused the token from {source} (HTTP 401/403): it is not this "
+                "cluster's token; get the right one with `ray get-auth-token` on the head") from None
         raise AvsslError(
-            f"cannot reach the Ray job server at {address} ({exc}). Use the dashboard address "
-            "(http://HEAD:8265); with token authentication set RAY_AUTH_TOKEN or pass --token."
-        ) from None
+            f"the Ray job server at {address} requires a token (HTTP 401) and none was found: set RAY_AUTH_TOKEN "
+            "or RAY_AUTH_TOKEN_PATH, pass --token-file, or put it in ~/.ray/auth_token") from None
+
+
+def _refused(exc: Exception) -> bool:
+    """The server answered and refused the request's credentials: Ray >= 2.52 raises
+    AuthenticationError, older releases a RuntimeError carrying the HTTP status."""
+    import ray.exceptions
+
+    auth_error = getattr(ray.exceptions, "AuthenticationError", None)
+    if auth_error is not None and isinstance(exc, auth_error):
+        return True
+    text = str(exc)
+    return any(code in text for code in ("401", "403", "Unauthorized", "Forbidden"))
 
 
 def entrypoint(command: str, config: Path, overrides: list[str], root: Path) -> str:
@@ -69,14 +126,14 @@ def entrypoint(command: str, config: Path, overrides: list[str], root: Path) -> 
 
 
 def submit(address: str, command: str, config: Path, overrides: list[str], *, token: str | None = None,
-           pip: list[str] | None = None, env: dict[str, str] | None = None, submission_id: str | None = None) -> str:
+           token_file: str | Path | None = None, pip: list[str] | None = None, env: dict[str, str] | None = None, submission_id: str | None = None) -> str:
     """Validate the recipe locally (fail before anything is uploaded), then submit; returns the job id."""
     from avssl.config import load_config
 
     recipe_cls = _recipe_class(command)
     load_config(recipe_cls, config, overrides)
     root = source_root()
-    jobs = client(address, token)
+    jobs = client(address, token, token_file)
     return retry_while_no_agent(
         lambda: jobs.submit_job(
             entrypoint=entrypoint(command, Path(config), overrides, root),
@@ -133,10 +190,10 @@ def _recipe_class(command: str):
     raise AvsslError(f"cannot submit {command!r}: choose pretrain or finetune")
 
 
-def wait(address: str, job_id: str, *, token: str | None = None, timeout_s: float | None = None, poll_s: float = 2.0,
+def wait(address: str, job_id: str, *, token: str | None = None, token_file: str | Path | None = None, timeout_s: float | None = None, poll_s: float = 2.0,
          echo=None) -> str:
     """Poll until the job ends, echoing new log text; returns the final status."""
-    c = client(address, token)
+    c = client(address, token, token_file)
     shown = 0
     start = time.monotonic()
     while True:
@@ -154,9 +211,9 @@ def wait(address: str, job_id: str, *, token: str | None = None, timeout_s: floa
         time.sleep(poll_s)
 
 
-def list_jobs(address: str, token: str | None = None) -> list[dict[str, Any]]:
+def list_jobs(address: str, token: str | None = None, token_file: str | Path | None = None) -> list[dict[str, Any]]:
     rows = []
-    for job in client(address, token).list_jobs():
+    for job in client(address, token, token_file).list_jobs():
         rows.append({
             "job_id": job.submission_id or job.job_id,
             "status": str(getattr(job.status, "value", job.status)),
@@ -166,16 +223,16 @@ def list_jobs(address: str, token: str | None = None) -> list[dict[str, Any]]:
     return rows
 
 
-def job_status(address: str, job_id: str, token: str | None = None) -> str:
-    status = client(address, token).get_job_status(job_id)
+def job_status(address: str, job_id: str, token: str | None = None, token_file: str | Path | None = None) -> str:
+    status = client(address, token, token_file).get_job_status(job_id)
     return str(getattr(status, "value", status))
 
 
-def job_logs(address: str, job_id: str, token: str | None = None) -> str:
-    return client(address, token).get_job_logs(job_id)
+def job_logs(address: str, job_id: str, token: str | None = None, token_file: str | Path | None = None) -> str:
+    return client(address, token, token_file).get_job_logs(job_id)
 
 
-def stop_job(address: str, job_id: str, token: str | None = None) -> bool:
+def stop_job(address: str, job_id: str, token: str | None = None, token_file: str | Path | None = None) -> bool:
     """Ray sends SIGTERM to the entry point: the run checkpoints and exits (see cluster/launch.py).
     Give it time: set RAY_JOB_STOP_WAIT_TIME_S on the cluster above one log interval."""
-    return client(address, token).stop_job(job_id)
+    return client(address, token, token_file).stop_job(job_id)

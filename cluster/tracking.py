@@ -27,6 +27,36 @@ log = logging.getLogger(__name__)
 RUN_NAME_TAG = "avssl.run_name"
 
 
+SECRET_QUERY_KEYS = ("token", "access_token", "api_key", "apikey", "key", "password", "passwd", "secret",
+                     "signature", "sig", "x-amz-signature", "x-amz-credential", "x-amz-security-token", "auth")
+
+
+def redact_uri(uri: str | None) -> str | None:
+    """The tracking URI without its credentials, for anything written down or shown (model
+    card, config.yaml, MLflow params, logs): `user:password@` becomes `***@`, and the values of
+    token-like query parameters become `***`. What the run itself connects with is unchanged."""
+    from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
+
+    if not uri or "://" not in uri:
+        return uri
+    parts = urlsplit(uri)
+    pairs = parse_qsl(parts.query, keep_blank_values=True)
+    secret = [any(s in k.lower() for s in SECRET_QUERY_KEYS) for k, _ in pairs]
+    if "@" not in parts.netloc and not any(secret):
+        return uri
+    netloc = "***@" + parts.netloc.rsplit("@", 1)[1] if "@" in parts.netloc else parts.netloc
+    query = urlencode([(k, "***" if hide else v) for (k, v), hide in zip(pairs, secret)], safe="*")
+    return urlunsplit((parts.scheme, netloc, parts.path, query, parts.fragment))
+
+
+def public_recipe(recipe: Any) -> Any:
+    """A copy of a run recipe that is safe to write down: the MLflow URI redacted."""
+    mlflow = getattr(recipe, "mlflow", None)
+    if mlflow is None or not mlflow.tracking_uri:
+        return recipe
+    return recipe.model_copy(update={"mlflow": mlflow.model_copy(update={"tracking_uri": redact_uri(mlflow.tracking_uri)})})
+
+
 def resolve_tracking_uri(cfg: MlflowConfig, storage_path: str | Path) -> str:
     """Config first, then MLFLOW_TRACKING_URI, then SQLite beside the run storage."""
     uri = cfg.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")

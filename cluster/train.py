@@ -31,14 +31,12 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from avssl.cluster.checkpoint import DS_TAG, STATE_FILE, load_engine_checkpoint
 from avssl.cluster.config import PretrainRecipe, derive
 from avssl.cluster.engine import build_engine
 from avssl.cluster.tracking import make_logger
 
 log = logging.getLogger("avssl.train")
-
-STATE_FILE = "train_state.json"
-DS_TAG = "ds"
 
 
 @dataclass
@@ -135,11 +133,12 @@ class PretrainWorkload(Workload):
 
     def build(self, world: int):
         from avssl.pretrain.config import build_model
+        from avssl.pretrain.modeling import enable_activation_checkpointing
 
         r = self.recipe
         model = build_model(r.model, r.masking, r.loss)
         if r.deepspeed.activation_checkpointing:
-            model.activation_checkpointing_enable()
+            enable_activation_checkpointing(model)
         return model, None
 
 
@@ -233,7 +232,7 @@ def restore_checkpoint(engine, state: TrainState) -> bool:
     if ckpt is None:
         return False
     with ckpt.as_directory() as d:
-        engine.load_checkpoint(d, tag=DS_TAG, load_optimizer_states=True, load_lr_scheduler_states=True)
+        load_engine_checkpoint(engine, d, tag=DS_TAG)  # weights-only: never unpickles
         state.load_state_dict(json.loads(Path(d, STATE_FILE).read_text()))
         if dist.is_initialized():
             dist.barrier()  # keep the directory alive until every rank has read it

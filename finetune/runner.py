@@ -194,7 +194,16 @@ def load_task_model(release: Path):
         raise AvsslError(f"{release}: not a finetuned release (no {HEAD_WEIGHTS}); finetune with `avssl finetune`")
     head = validate(HeadConfig, json.loads((release / HEAD_CONFIG).read_text()), str(release / HEAD_CONFIG))
     model = TaskModel(AVViTModel.from_pretrained(release / "backbone"), head)
-    missing, unexpected = model.load_state_dict(load_file(release / HEAD_WEIGHTS), strict=False)
+    weights = load_file(release / HEAD_WEIGHTS)
+    shapes = model.state_dict()
+    wrong = [(k, tuple(v.shape), tuple(shapes[k].shape)) for k, v in weights.items() if k in shapes and v.shape != shapes[k].shape]
+    if wrong:
+        key, got, want = wrong[0]
+        raise AvsslError(
+            f"{release}: {HEAD_WEIGHTS} was trained on another model size than {release / 'backbone'} holds "
+            f"({key}: {got} in the file, {want} for this backbone of width {model.backbone.config.hidden_size}); "
+            "the release mixes files of two models: use a release folder exactly as `avssl finetune` wrote it")
+    missing, unexpected = model.load_state_dict(weights, strict=False)
     missing = [k for k in missing if not k.startswith("backbone.")]
     if missing or unexpected:
         raise AvsslError(f"{release}: head weights do not fit its head.json (missing {missing[:3]}, unexpected {unexpected[:3]})")
