@@ -53,9 +53,14 @@ def cmd_data_stats(args: argparse.Namespace) -> None:
     from avssl.config import load_config
     from avssl.data.corpus import CorpusRecipe, compute_stats
 
+    from avssl.data.shards import ReadReport
+
     recipe = load_config(CorpusRecipe, args.config, args.overrides)
-    stats = compute_stats(Path(args.corpus), recipe.features, args.split, args.max_clips)
+    report = ReadReport()
+    stats = compute_stats(Path(args.corpus), recipe.features, args.split, args.max_clips, report=report)
     console.print(f"[green]wrote[/green] {Path(args.corpus) / 'stats.json'}: mean={stats.mean:.4f} std={stats.std:.4f} over {stats.num_clips} clips")
+    if report:
+        console.print(Text.assemble(("skipped ", "yellow"), report.describe(limit=20)), highlight=False)
 
 
 def _print_summary(summary: dict) -> None:
@@ -89,13 +94,30 @@ def cmd_data_inspect(args: argparse.Namespace) -> None:
     from avssl.data.corpus import first_clip, plot_clip, summarize
     from avssl.data.features import FeatureConfig
 
+    from avssl.data.shards import ReadReport
+
     corpus = Path(args.corpus)
     summary = summarize(corpus)
     _print_summary(summary)
-    clip = first_clip(corpus, args.split)
+    problems, undecodable = ReadReport(**summary["problems"]), ReadReport()
+    clip = first_clip(corpus, args.split, undecodable)  # its shard problems are in the summary already
+    problems.bad_samples += [s for s in undecodable.bad_samples if s not in problems.bad_samples]
     num_mel_bins = (summary.get("stats") or {}).get("num_mel_bins", 128)
     path = plot_clip(clip, FeatureConfig(num_mel_bins=num_mel_bins), Path(args.plot or corpus / "inspect.png"))
     console.print(f"sample picture: {path}")
+    if problems:  # a damaged corpus: say what is damaged, and exit 1 so that scripts notice
+        unread = {s: v["samples"] - v["read"] for s, v in summary["splits"].items() if v["read"] < v["samples"]}
+        lost = ", ".join(f"{s}: {n} of {summary['splits'][s]['samples']}" for s, n in unread.items())
+        err_console.print(Text.assemble(("damaged corpus: ", "bold red"), problems.describe(limit=20),
+                                        f" (samples not read per split: {lost})" if lost else ""), highlight=False)
+        raise SystemExit(1)
+
+
+def cmd_data_extract(args: argparse.Namespace) -> None:
+    from avssl.data.corpus import extract_clips
+
+    paths = extract_clips(Path(args.corpus), Path(args.out), args.split, args.speakers, args.per_speaker)
+    console.print(f"wrote {len(paths)} files to {args.out}: " + ", ".join(p.name for p in paths), highlight=False)
 
 
 # ----------------------------------------------------------------------------- pretrain
@@ -190,9 +212,12 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
                       trials=Path(args.trials) if args.trials else None, modes=args.modes, zero_shot=args.zero_shot,
                       batch_size=args.batch_size, as_norm_cohort=args.as_norm,
                       asv_scores=Path(args.asv_scores) if args.asv_scores else None,
-                      labels_csv=Path(args.labels_csv) if args.labels_csv else None)
+                      labels_csv=Path(args.labels_csv) if args.labels_csv else None,
+                      calibration=Path(args.calibration) if args.calibration else None)
     _print_report(report)
     console.print(f"report: {out / 'report.json'}")
+    if report.get("calibration"):
+        console.print(f"calibration for `avssl verify`: {report['calibration']}", highlight=False)
     if not args.no_mlflow:
         cfg = MlflowConfig(experiment=args.experiment)
         uri = resolve_tracking_uri(cfg, "runs")
@@ -201,41 +226,80 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
         from avssl.cluster.tracking import MlflowLogger
 
         MlflowLogger(uri, run_id, cfg).finish(status="FINISHED")
-        console.print(f"MLflow: {uri} run {run_id}")
+        from avssl.cluster.tracking import redact_uri
+
+        console.print(f"MLflow: {redact_uri(uri)} run {run_id}")
+
+
+def _print_skipped(skipped: list[dict], total: int) -> None:
+    """Files a long job skipped: one line each on stderr (they are in its JSON output too)."""
+    if skipped:
+        err_console.print(Text.assemble(("skipped ", "yellow"), f"{len(skipped)} of {total} inputs:"), highlight=False)
+        for s in skipped:
+            err_console.print(f"  {s['file']}: {s['reason']}", highlight=False, markup=False, soft_wrap=True)
+
+
+def _gather_files(args: argparse.Namespace) -> tuple[list[Path], list[dict]]:
+    from avssl.finetune.inference import collect_files
+
+    files, skipped = collect_files(args.files, args.files_from)
+    if not files:
+        where = "; ".join(f"{s['file']}: {s['reason']}" for s in skipped)
+        raise AvsslError(f"no media files to read{': ' + where if where else ''}; give files, folders, @LIST or "
+                         "--files-from LIST")
+    if skipped and args.strict:
+        raise AvsslError(f"{skipped[0]['file']}: {skipped[0]['reason']} (--strict)")
+    return files, skipped
 
 
 def cmd_embed(args: argparse.Namespace) -> None:
-    import numpy as np
+    from avssl.finetune.inference import Release, embed_with, write_embeddings
 
-    from avssl.finetune.inference import embed_files
-
-    emb, names = embed_files(Path(args.checkpoint), [Path(f) for f in args.files], args.batch_size, args.device)
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    np.save(out, emb)
-    out.with_suffix(".json").write_text(__import__("json").dumps(names, indent=1))
-    console.print(f"{len(names)} embeddings of size {emb.shape[1]} -> {out} (file order in {out.with_suffix('.json')})")
+    files, skipped = _gather_files(args)
+    release = Release.load(Path(args.checkpoint), args.device)
+    result = embed_with(release, files, args.batch_size, args.modality, args.hop, args.center, args.strict, skipped)
+    _print_skipped(result.skipped, len(files) + len(skipped))
+    if not result.rows:
+        raise AvsslError(f"none of the {len(files)} files could be read (reasons above); nothing written to {args.out}")
+    npy, record = write_embeddings(result, Path(args.out))
+    modes = ", ".join(f"{m}: {sum(r['modality'] == m for r in result.rows)}" for m in ("av", "a", "v")
+                      if any(r["modality"] == m for r in result.rows))
+    windows = sum(r["windows"] for r in result.rows)
+    console.print(f"{len(result.rows)} embeddings of size {result.vectors.shape[1]} ({modes}; {windows} windows) -> {npy} "
+                  f"(files, modality and windows per row in {record})", highlight=False)
 
 
 def cmd_verify(args: argparse.Namespace) -> None:
     from avssl.finetune.inference import verify
 
-    r = verify(Path(args.checkpoint), Path(args.a), Path(args.b), args.threshold)
+    r = verify(Path(args.checkpoint), Path(args.a), Path(args.b), args.threshold, args.device,
+               Path(args.calibration) if args.calibration else None)
     verdict = "same speaker" if r["same_speaker"] else "different speakers"
-    console.print(f"score {r['score']:.4f} ({r['mode'].upper()}) threshold {r['threshold']:.4f}: [bold]{verdict}[/bold]")
+    norm = f" (AS-Norm of cosine {r['raw_cosine']:.4f})" if "as_norm_top" in r else ""
+    console.print(f"score {r['score']:.4f}{norm} ({r['mode'].upper()}) threshold {r['threshold']:.4f}: "
+                  f"[bold]{verdict}[/bold]")
 
 
 def cmd_predict(args: argparse.Namespace) -> None:
-    from avssl.finetune.inference import predict
+    from avssl.finetune.inference import Release, check_task, predict_files
 
-    rows = predict(Path(args.checkpoint), [Path(f) for f in args.files], args.batch_size, args.device)
-    table = Table(title=f"{args.task} predictions")
+    files, skipped = _gather_files(args)
+    release = Release.load(Path(args.checkpoint), args.device)
+    task = check_task(release, args.task)
+    rows, bad = predict_files(release, files, args.batch_size, task=task, modality=args.modality, strict=args.strict)
+    _print_skipped(skipped + bad, len(files) + len(skipped))
+    if not rows:
+        raise AvsslError(f"none of the {len(files)} files could be read (reasons above)")
+    table = Table(title=f"{task} predictions ({release.path})")
     table.add_column("file", overflow="fold")
+    table.add_column("modality")
+    table.add_column("windows", justify="right")
     table.add_column("label")
     table.add_column("probabilities")
     for r in rows:
         probs = r.get("probabilities") or {"bonafide": r["p_bonafide"]}
-        table.add_row(escape(r["file"]), r["label"], " ".join(f"{k}:{v:.2f}" for k, v in probs.items()))
+        table.add_row(escape(r["file"]), r["modality"], str(r["windows"]), r["label"],
+                      " ".join(f"{k}:{v:.2f}" for k, v in probs.items()))
     console.print(table)
 
 
@@ -269,23 +333,36 @@ def cmd_prove(args: argparse.Namespace) -> None:
 
 
 def cmd_data_prepare(args: argparse.Namespace) -> None:
-    from avssl.finetune.prepare import prepare_dataset
+    from avssl.data.prepare import prepare_dataset
 
-    summary = prepare_dataset(args.dataset, Path(args.root), Path(args.out), limit=args.limit, video=not args.no_video)
-    console.print(summary.describe() if hasattr(summary, "describe") else summary, highlight=False)
+    from avssl.data.faces import FaceConfig
+
+    faces = FaceConfig(mode=args.faces, crop_size=args.face_size) if args.faces else None
+    summary = prepare_dataset(args.dataset, Path(args.root), Path(args.out), limit=args.limit, video=not args.no_video,
+                              faces=faces, workers=args.workers, address=args.address,
+                              labels=Path(args.labels) if args.labels else None, test_speakers=args.test_speakers)
+    console.print(summary.describe(), highlight=False)
 
 
 # ----------------------------------------------------------------------------- cluster jobs
 
 
+def _warn_token_flag(args: argparse.Namespace) -> None:
+    if args.token:
+        err_console.print("[yellow]warning:[/yellow] --token shows the secret to anyone who can run `ps` here and keeps "
+                          "it in your shell history; use --token-file FILE or RAY_AUTH_TOKEN_PATH instead", highlight=False)
+
+
 def cmd_submit(args: argparse.Namespace) -> None:
     from avssl.cluster import submit as jobs
 
-    job_id = jobs.submit(args.address, args.command_name, Path(args.config), args.overrides, token=args.token, pip=args.pip)
+    _warn_token_flag(args)
+    job_id = jobs.submit(args.address, args.command_name, Path(args.config), args.overrides, token=args.token,
+                         token_file=args.token_file, pip=args.pip)
     console.print(f"submitted job [bold]{job_id}[/bold] to {args.address}")
     print(job_id)
     if args.wait:
-        status = jobs.wait(args.address, job_id, token=args.token, echo=lambda text: console.out(text, end="", highlight=False))
+        status = jobs.wait(args.address, job_id, token=args.token, token_file=args.token_file, echo=lambda text: console.out(text, end="", highlight=False))
         console.print(f"job {job_id}: {status}")
         if status != "SUCCEEDED":
             raise SystemExit(1)
@@ -294,22 +371,23 @@ def cmd_submit(args: argparse.Namespace) -> None:
 def cmd_jobs(args: argparse.Namespace) -> None:
     from avssl.cluster import submit as jobs
 
+    _warn_token_flag(args)
     if args.action == "list":
         table = Table(title=f"jobs on {args.address}")
         for col in ("job id", "status", "entrypoint"):
             table.add_column(col)
-        for row in jobs.list_jobs(args.address, args.token):
+        for row in jobs.list_jobs(args.address, args.token, args.token_file):
             table.add_row(row["job_id"], row["status"], row["entrypoint"])
         console.print(table)
         return
     if not args.job_id:
         raise AvsslError(f"`avssl jobs {args.action}` needs a JOB_ID (see `avssl jobs list`)")
     if args.action == "status":
-        print(jobs.job_status(args.address, args.job_id, args.token))
+        print(jobs.job_status(args.address, args.job_id, args.token, args.token_file))
     elif args.action == "logs":
-        console.out(jobs.job_logs(args.address, args.job_id, args.token), highlight=False)
+        console.out(jobs.job_logs(args.address, args.job_id, args.token, args.token_file), highlight=False)
     elif args.action == "stop":
-        stopped = jobs.stop_job(args.address, args.job_id, args.token)
+        stopped = jobs.stop_job(args.address, args.job_id, args.token, args.token_file)
         console.print(f"job {args.job_id}: {'stop requested' if stopped else 'already finished'}")
 
 
@@ -353,6 +431,23 @@ def cmd_bench_model(args: argparse.Namespace) -> None:
     print_table(rows)
 
 
+def cmd_bench_embed(args: argparse.Namespace) -> None:
+    from avssl.finetune.bench import as_json, bench_embed, default_files, print_embed_bench
+
+    files = [Path(f) for f in args.files] if args.files else default_files()
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
+    rows, info = bench_embed(Path(args.checkpoint), files, args.batch_size, args.device, args.repeats)
+    print_embed_bench(rows, info, console)
+    if args.json:
+        from avssl.io import write_json
+
+        write_json(Path(args.json), as_json(rows, info))
+        console.print(f"raw results: {args.json}")
+
+
 # ----------------------------------------------------------------------------- parser
 
 Command = Callable[[argparse.Namespace], None]
@@ -375,12 +470,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="data/demo", help="corpus directory to create (default: data/demo)")
     p.set_defaults(func=cmd_data_synth)
 
-    p = data.add_parser("prepare", help="convert a real dataset (VoxCeleb, CREMA-D, RAVDESS, ASVspoof, In-the-Wild) to shards")
-    p.add_argument("dataset", help="voxceleb1, voxceleb2, cremad, ravdess, asvspoof2019_la, asvspoof2021_la, asvspoof2021_df, in_the_wild")
-    p.add_argument("--root", required=True, help="the dataset as downloaded")
+    p = data.add_parser("prepare", help="convert your own folder of media, or a named dataset (VoxCeleb, CREMA-D, "
+                        "RAVDESS, ASVspoof, In-the-Wild), to shards")
+    p.add_argument("dataset", help="folder (any tree of media files), voxceleb1, voxceleb2, cremad, ravdess, "
+                   "asvspoof2019_la, asvspoof2021_la, asvspoof2021_df, in_the_wild")
+    p.add_argument("--root", required=True, help="the folder or dataset as downloaded")
     p.add_argument("--out", required=True, help="corpus directory to write")
     p.add_argument("--limit", type=int, default=None, help="at most this many utterances (smoke runs)")
     p.add_argument("--no-video", action="store_true", help="audio only, even where the dataset has video")
+    p.add_argument("--faces", choices=("auto", "on", "off"), default=None,
+                   help="crop video to the talking face: auto (default; passes already-cropped video through), on, off "
+                   "(VoxCeleb2 defaults to off: its videos are face crops)")
+    p.add_argument("--face-size", type=int, default=112, help="side of the square face crops in pixels (default 112)")
+    p.add_argument("--workers", type=int, default=None, help="decoding processes on this machine (default: every core)")
+    p.add_argument("--address", default=None, help="decode as Ray tasks on this cluster instead ('local' starts one here); "
+                   "the media must be at the same path on every node")
+    p.add_argument("--labels", default=None, help="folder only: CSV with a path or id column and any of speaker, emotion, "
+                   "spoof, attack, split")
+    p.add_argument("--test-speakers", type=int, default=0, help="folder only: the last N speakers become the test split, "
+                   "with verification trials")
     p.set_defaults(func=cmd_data_prepare)
 
     p = data.add_parser("stats", help="compute fbank normalization statistics of a corpus (writes stats.json)")
@@ -390,11 +498,19 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_args(p, None)
     p.set_defaults(func=cmd_data_stats)
 
-    p = data.add_parser("inspect", help="summarize a corpus and draw one sample")
+    p = data.add_parser("inspect", help="summarize a corpus, draw one sample, name damaged shards and samples (exit 1)")
     p.add_argument("corpus", help="corpus directory")
     p.add_argument("--split", default="train")
     p.add_argument("--plot", default=None, help="where to write the sample picture (default: CORPUS/inspect.png)")
     p.set_defaults(func=cmd_data_inspect)
+
+    p = data.add_parser("extract", help="write a few bona fide clips of a corpus back to media files (flac, mp4)")
+    p.add_argument("corpus", help="corpus directory")
+    p.add_argument("--out", required=True, help="directory to write the files to")
+    p.add_argument("--split", default="test")
+    p.add_argument("--speakers", type=int, default=2, help="how many speakers (default 2)")
+    p.add_argument("--per-speaker", type=int, default=2, help="clips of each speaker (default 2)")
+    p.set_defaults(func=cmd_data_extract)
 
     p = top.add_parser("pretrain", help="self-supervised pretraining on Ray + DeepSpeed (local Ray by default)")
     _add_config_args(p, "configs/pretrain/demo.yaml")
@@ -409,7 +525,9 @@ def build_parser() -> argparse.ArgumentParser:
     def _ray_args(p: argparse.ArgumentParser) -> None:
         p.add_argument("--address", default=os.environ.get("RAY_API_SERVER_ADDRESS") or "http://127.0.0.1:8265",
                        help="Ray dashboard address of the cluster (default: http://127.0.0.1:8265)")
-        p.add_argument("--token", default=None, help="Ray auth token (default: RAY_AUTH_TOKEN / ~/.ray/auth_token)")
+        p.add_argument("--token-file", default=None, metavar="FILE",
+                       help="file holding the Ray auth token (default: RAY_AUTH_TOKEN, RAY_AUTH_TOKEN_PATH, ~/.ray/auth_token)")
+        p.add_argument("--token", default=None, help="the Ray auth token itself (visible in `ps` and shell history: prefer --token-file)")
 
     p = top.add_parser("submit", help="submit pretraining or finetuning to a Ray cluster as a job")
     p.add_argument("command_name", nargs="?", default="pretrain", choices=["pretrain", "finetune"], metavar="COMMAND",
@@ -448,31 +566,47 @@ def build_parser() -> argparse.ArgumentParser:
                    help="emotion: 'utterance,label' CSV with this corpus's labels (default: the release's label source)")
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--out", default=None, help="report folder (default: beside the checkpoint)")
+    p.add_argument("--calibration", default=None, metavar="FILE",
+                   help="speaker: where to write the thresholds `avssl verify` uses (default: CHECKPOINT/calibration.json)")
     p.add_argument("--experiment", default="avssl-eval", help="MLflow experiment for the evaluation run")
     p.add_argument("--no-mlflow", action="store_true")
     p.set_defaults(func=cmd_evaluate)
 
-    p = top.add_parser("embed", help="write embeddings of media files (wav, flac, mp4)")
-    p.add_argument("files", nargs="+")
-    p.add_argument("--checkpoint", required=True)
-    p.add_argument("--out", default="embeddings.npy")
-    p.add_argument("--batch-size", type=int, default=16)
-    p.add_argument("--device", default="cuda" if _cuda() else "cpu")
+    def _inputs_args(p: argparse.ArgumentParser) -> None:
+        p.add_argument("files", nargs="*", metavar="FILE",
+                       help="media files, folders (searched recursively for media files) or @LIST (one path per line)")
+        p.add_argument("--files-from", default=None, metavar="LIST", help="a text file naming one media path per line")
+        p.add_argument("--modality", choices=["auto", "av", "a", "v"], default="auto",
+                       help="auto (default): audio and video where a file has both (and a face), else what it has; "
+                       "av, a, v: that setting for every file (a file without it is skipped)")
+        p.add_argument("--strict", action="store_true", help="stop at the first unreadable file instead of skipping it")
+        p.add_argument("--batch-size", type=int, default=16, help="windows per forward pass, across files (default 16)")
+        p.add_argument("--device", default="cuda" if _cuda() else "cpu")
+
+    p = top.add_parser("embed", help="write embeddings of media files: OUT.npy and OUT.json (file, modality, windows)")
+    _inputs_args(p)
+    p.add_argument("--checkpoint", required=True, help="a pretrained or finetuned release")
+    p.add_argument("--out", default="embeddings.npy", help="embeddings file; its .json beside says which row is which file")
+    p.add_argument("--center", action="store_true",
+                   help="embed only the centred window of each file (default: windows covering the whole file)")
+    p.add_argument("--hop", type=float, default=None, metavar="SECONDS",
+                   help="start-to-start distance of the windows (default: the window length, the release's clip_seconds)")
     p.set_defaults(func=cmd_embed)
 
     p = top.add_parser("verify", help="speaker verification of two files at the calibrated threshold")
     p.add_argument("a")
     p.add_argument("b")
-    p.add_argument("--checkpoint", required=True)
-    p.add_argument("--threshold", type=float, default=None, help="default: the release's calibrated EER threshold")
+    p.add_argument("--checkpoint", required=True, help="a finetuned speaker release or a pretrained release")
+    p.add_argument("--threshold", type=float, default=None, help="raw cosine threshold (default: the calibration's)")
+    p.add_argument("--calibration", default=None, metavar="FILE",
+                   help="calibration written by `avssl evaluate --task speaker` (default: CHECKPOINT/calibration.json)")
+    p.add_argument("--device", default="cuda" if _cuda() else "cpu")
     p.set_defaults(func=cmd_verify)
 
     p = top.add_parser("predict", help="emotion or spoof labels and probabilities for media files")
-    p.add_argument("files", nargs="+")
-    p.add_argument("--task", required=True, choices=["emotion", "spoof"])
-    p.add_argument("--checkpoint", required=True)
-    p.add_argument("--batch-size", type=int, default=16)
-    p.add_argument("--device", default="cuda" if _cuda() else "cpu")
+    _inputs_args(p)
+    p.add_argument("--task", required=True, choices=["emotion", "spoof"], help="the task of the release's head")
+    p.add_argument("--checkpoint", required=True, help="a release finetuned for --task")
     p.set_defaults(func=cmd_predict)
 
     p = top.add_parser("prove", help="pretrained vs random backbone on every task and modality (the proof it learns)")
@@ -514,6 +648,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int, default=2)
     p.add_argument("--device", default="cuda" if _cuda() else "cpu")
     p.set_defaults(func=cmd_bench_model)
+
+    p = bench.add_parser("embed", help="avssl embed files/s on real files: batched whole-file windows vs the "
+                         "one-file-at-a-time centre-window baseline, and start-up apart")
+    p.add_argument("--checkpoint", default="runs/demo/avssl/release", help="a pretrained or finetuned release")
+    p.add_argument("--files", nargs="+", default=None, help="media files (default: the wav files under ../shared/realdata)")
+    p.add_argument("--batch-size", type=int, default=16, help="windows per forward of the batched paths")
+    p.add_argument("--repeats", type=int, default=2, help="timed runs per path; the fastest counts")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch CPU threads (default: torch's, one per core; on a shared machine 1 can be much faster)")
+    p.add_argument("--device", default="cuda" if _cuda() else "cpu")
+    p.add_argument("--json", default=None, help="also write raw results as JSON")
+    p.set_defaults(func=cmd_bench_embed)
     return parser
 
 

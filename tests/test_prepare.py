@@ -16,7 +16,7 @@ import pytest
 from avssl import AvsslError
 from avssl.data.schema import Clip
 from avssl.data.shards import CorpusIndex, ShardConfig, decode_clip, iter_raw_samples
-from avssl.finetune.prepare import DATASETS, prepare_dataset
+from avssl.data.prepare import DATASETS, prepare_dataset
 
 SHARDS = ShardConfig(target_mb=8.0, max_count=3)  # several shards even for these tiny corpora
 
@@ -173,7 +173,7 @@ def test_missing_root_or_wrong_layout_is_a_clear_error(tmp_path: Path):
     with pytest.raises(AvsslError, match="unknown dataset 'voxceleb3'"):
         prepare_dataset("voxceleb3", tmp_path / "empty", tmp_path / "out")
     assert set(DATASETS) == {
-        "voxceleb1", "voxceleb2", "cremad", "ravdess", "asvspoof2019_la", "asvspoof2021_la", "asvspoof2021_df", "in_the_wild",
+        "voxceleb1", "voxceleb2", "cremad", "ravdess", "asvspoof2019_la", "asvspoof2021_la", "asvspoof2021_df", "in_the_wild", "folder",
     }
 
 
@@ -251,6 +251,32 @@ def test_voxceleb2_audio_only_when_video_disabled(vox2_root: Path, tmp_path: Pat
     assert set(unreadable_names(summary)) == {"00002.m4a"}
 
 
+def test_voxceleb_layouts_read_every_media_file_and_name_the_rest(tmp_path: Path):
+    """VoxCeleb1 as .flac (a common conversion) counts like .wav; in VoxCeleb2 an mp4 without an
+    m4a brings its own sound track and an .mpg video is read; any other file is named as skipped."""
+    v1 = tmp_path / "vox1"
+    write_audio(v1 / "wav/id10001/yt1/00001.wav")
+    write_audio(v1 / "wav/id10001/yt1/00002.flac", freq=330)
+    (v1 / "wav/id10001/yt1/notes.txt").write_text("not media")
+    summary = prepare_dataset("voxceleb1", v1, tmp_path / "o1", workers=1)
+    assert summary.counts == {"train": 2}
+    assert unreadable_names(summary) == {"notes.txt": "skipped: not a wav/flac file"}
+
+    v2 = tmp_path / "vox2"
+    write_av(v2 / "dev/mp4/id00012/yt/00001.mp4", audio_sr=16_000)  # no m4a: the mp4's AAC track
+    write_av(v2 / "dev/mp4/id00012/yt/00002.mpg", vcodec="mpeg1video")  # MPEG-1 video, no sound
+    write_audio(v2 / "dev/aac/id00012/yt/00002.wav", freq=440)  # its audio as a WAV, not an m4a
+    write_av(v2 / "dev/mp4/id00012/yt/00003.mp4")  # video only, no sound track anywhere
+    (v2 / "dev/aac/id00012/yt/README").write_text("x")
+    summary = prepare_dataset("voxceleb2", v2, tmp_path / "o2", workers=1)
+    clips = assert_common(tmp_path / "o2", summary, {"train": 3})
+    first, second, third = (clips[f"id00012/yt/0000{i}"] for i in (1, 2, 3))
+    assert first.audio is not None and first.video is not None
+    assert second.audio is not None and second.video is not None and second.video.shape[1:] == (32, 32, 3)  # faces off
+    assert third.audio is None and third.video is not None
+    assert set(unreadable_names(summary)) == {"README"}
+
+
 # ----------------------------------------------------------------------------- emotion
 
 
@@ -274,8 +300,11 @@ def test_cremad_labels_folds_and_broken_videos(cremad_root: Path, tmp_path: Path
     clips = assert_common(out, summary, {"train": 3, "test": 1})
     ang = clips["1001_DFA_ANG_XX"]
     assert ang.meta.emotion == "ANG" and ang.meta.speaker == "1001"
-    assert ang.meta.extra == {"sentence": "DFA", "level": "XX", "fold": 0}
-    assert ang.video is not None and ang.video.shape[1:] == (32, 32, 3) and ang.meta.fps == 25.0
+    assert ang.meta.extra == {"sentence": "DFA", "level": "XX", "fold": 0, "face": ang.meta.extra["face"]}
+    # Full-frame corpora are face-cropped (faces "auto"): a small square video without a face
+    # passes through, resized to the crop size.
+    assert ang.video is not None and ang.video.shape[1:] == (112, 112, 3) and ang.meta.fps == 25.0
+    assert ang.meta.extra["face"]["crop"] == "passthrough"
     hap = clips["1005_IEO_HAP_HI"]  # (1005 - 1001) % 5 = 4 -> test
     assert hap.meta.split == "test" and hap.meta.emotion == "HAP" and hap.meta.extra["fold"] == 4 and hap.video is not None
     assert clips["1076_MTI_NEU_XX"].video is None and clips["1076_MTI_NEU_XX"].meta.emotion == "NEU"
@@ -327,7 +356,8 @@ def test_ravdess_codes_modalities_and_resampling(ravdess_root: Path, tmp_path: P
     assert av_clip.meta.emotion is None and av_clip.meta.extra["emotion8"] == "calm"
     assert av_clip.meta.extra["modality"] == "audio-video" and av_clip.meta.extra["recording"] == "01-02-01-01-01-01"
     vid = clips["02-01-06-02-01-02-01"]
-    assert vid.audio is None and vid.video.shape == (4, 32, 32, 3) and vid.meta.emotion == "FEA"
+    assert vid.audio is None and vid.video.shape == (4, 112, 112, 3) and vid.meta.emotion == "FEA"
+    assert vid.meta.extra["face"]["crop"] == "passthrough"
     assert vid.meta.extra["intensity"] == "strong" and vid.meta.extra["repetition"] == 2
     song = clips["03-02-08-01-01-01-21"]
     assert song.meta.split == "test" and song.meta.emotion is None and song.meta.extra["vocal_channel"] == "song"

@@ -13,7 +13,15 @@ from avssl.config import Section, save_resolved
 from avssl.data.features import FeatureConfig, RunningMoments, fbank, load_stats, save_stats
 from avssl.data.stats import compute_stats, stats_from_moments  # noqa: F401  (re-exported for the CLI)
 from avssl.data.schema import Clip
-from avssl.data.shards import CorpusIndex, CorpusWriter, ShardConfig, decode_clip, iter_raw_samples
+from avssl.data.shards import (
+    CorpusIndex,
+    CorpusWriter,
+    ReadReport,
+    ShardConfig,
+    decode_clip,
+    iter_checked_samples,
+    iter_raw_samples,
+)
 from avssl.data.synth import SynthConfig, format_trials, generate, num_clips, trials
 from avssl.io import atomic_write_text
 from avssl.progress import progress_bar
@@ -55,27 +63,39 @@ def synthesize_corpus(recipe: CorpusRecipe, out: Path) -> CorpusIndex:
 
 
 def summarize(corpus: Path) -> dict[str, Any]:
-    """Counts per split: samples, shards, bytes, speakers, emotions, spoof/attacks, modalities."""
+    """Counts per split: samples, shards, bytes, speakers, emotions, spoof/attacks, modalities.
+    Damage does not stop it: unreadable shards and samples whose metadata does not parse are
+    counted and named in `problems` ("bad_shards", "bad_samples"), and `read` says how many
+    samples of a split could be read (against the index's `samples`)."""
     import json
 
     index = CorpusIndex.load(corpus)
     out: dict[str, Any] = {"dataset": index.data["dataset"], "splits": {}}
+    report = ReadReport()
     for split in index.splits:
         speakers: set[str] = set()
         emotions: Counter[str] = Counter()
         attacks: Counter[str] = Counter()
         modalities: Counter[str] = Counter()
-        duration = 0.0
-        for sample in iter_raw_samples(index.shards(split)):
-            meta = json.loads(sample["json"])
-            speakers.add(meta["speaker"])
+        duration, read = 0.0, 0
+        for sample in iter_checked_samples(index.shards(split), report):
+            try:
+                meta = json.loads(sample["json"])
+                speaker, spoof, seconds = meta["speaker"], meta["spoof"], float(meta["duration"])
+                attack = meta["attack"] if spoof == "spoof" else "bonafide"
+            except Exception as exc:  # missing or broken metadata: this sample's fault
+                report.sample(sample, exc)
+                continue
+            read += 1
+            speakers.add(speaker)
             emotions[meta.get("emotion") or "-"] += 1
-            attacks[meta["attack"] if meta["spoof"] == "spoof" else "bonafide"] += 1
+            attacks[attack] += 1
             modalities["+".join(m for m, k in (("audio", "flac"), ("video", "mp4")) if k in sample)] += 1
-            duration += float(meta["duration"])
+            duration += seconds
         shards = index.data["splits"][split]["shards"]
         out["splits"][split] = {
             "samples": index.count(split),
+            "read": read,
             "shards": len(shards),
             "bytes": sum(s["bytes"] for s in shards),
             "speakers": len(speakers),
@@ -89,14 +109,54 @@ def summarize(corpus: Path) -> dict[str, Any]:
     except AvsslError:
         out["stats"] = None
     out["trials"] = sorted(str(p.relative_to(corpus)) for p in (Path(corpus) / TRIALS_DIR).glob("*.txt"))
+    out["problems"] = {"bad_shards": report.bad_shards, "bad_samples": report.bad_samples}
     return out
 
 
-def first_clip(corpus: Path, split: str = "train") -> Clip:
+def first_clip(corpus: Path, split: str = "train", report: ReadReport | None = None) -> Clip:
+    """The split's first sample that decodes; the ones before it that do not go into `report`."""
     index = CorpusIndex.load(corpus)
-    for sample in iter_raw_samples(index.shards(split)):
-        return decode_clip(sample)
+    report = ReadReport() if report is None else report
+    for sample in iter_checked_samples(index.shards(split), report):
+        try:
+            return decode_clip(sample)
+        except Exception as exc:
+            report.sample(sample, exc)
+    if report:
+        raise AvsslError(f"{corpus}: no readable sample in split {split!r} ({report.describe(3)})")
     raise AvsslError(f"{corpus}: split {split!r} is empty")
+
+
+def extract_clips(corpus: Path, out: Path, split: str = "test", speakers: int = 2, per_speaker: int = 2) -> list[Path]:
+    """Write bona fide clips of a corpus back to media files (`SPEAKER_UTTERANCE.flac`, and `.mp4`
+    where the clip has video): `per_speaker` clips of each of the first `speakers` speakers of
+    `split`, in shard order. For trying `avssl embed`, `verify` and `predict` on files."""
+    import json
+
+    index = CorpusIndex.load(corpus)
+    chosen: dict[str, int] = {}
+    written: list[Path] = []
+    out.mkdir(parents=True, exist_ok=True)
+    for sample in iter_raw_samples(index.shards(split)):
+        meta = json.loads(sample["json"])
+        speaker = meta["speaker"]
+        if meta.get("spoof") != "bonafide" or "flac" not in sample:
+            continue
+        if speaker not in chosen and len(chosen) == speakers or chosen.get(speaker, 0) == per_speaker:
+            continue
+        chosen[speaker] = chosen.get(speaker, 0) + 1
+        name = meta["utterance"] if meta["utterance"].startswith(speaker) else f"{speaker}_{meta['utterance']}"
+        stem = out / name.replace("/", "_")
+        for ext in ("flac", "mp4"):
+            if ext in sample:
+                path = stem.with_suffix(f".{ext}")
+                path.write_bytes(sample[ext])
+                written.append(path)
+        if len(chosen) == speakers and all(n == per_speaker for n in chosen.values()):
+            break
+    if not written:
+        raise AvsslError(f"{corpus}: split {split!r} has no bona fide clip with audio to extract")
+    return written
 
 
 def plot_clip(clip: Clip, features: FeatureConfig, path: Path) -> Path:

@@ -36,8 +36,14 @@ class FeatureConfig(Section):
     image_size: int = Field(64, ge=16, le=512, description="face frame side in pixels after resizing")
     num_frames: int = Field(4, ge=1, le=64, description="face frames sampled evenly from each crop")
     # Lists, not tuples: a resolved config must load back from YAML, which has no tuples.
-    image_mean: list[float] = Field(default_factory=lambda: [0.485, 0.456, 0.406], min_length=3, max_length=3)
-    image_std: list[float] = Field(default_factory=lambda: [0.229, 0.224, 0.225], min_length=3, max_length=3)
+    image_mean: list[float] = Field(
+        default_factory=lambda: [0.485, 0.456, 0.406], min_length=3, max_length=3,
+        description="RGB mean subtracted from face frames (ImageNet's)",
+    )
+    image_std: list[float] = Field(
+        default_factory=lambda: [0.229, 0.224, 0.225], min_length=3, max_length=3,
+        description="RGB standard deviation face frames are divided by (ImageNet's)",
+    )
 
     def num_audio_frames(self, seconds: float) -> int:
         """Frames the fbank yields for `seconds` of audio (Kaldi snip_edges=True)."""
@@ -155,6 +161,12 @@ class RunningMoments:
             return
         mean_b = float(x.mean())
         m2_b = float(((x - mean_b) ** 2).sum())
+        self.merge(n_b, mean_b, m2_b)
+
+    def merge(self, n_b: int, mean_b: float, m2_b: float) -> None:
+        """Add the moments (count, mean, sum of squared deviations) of another batch."""
+        if n_b == 0:
+            return
         delta = mean_b - self.mean
         total = self.n + n_b
         self.mean += delta * n_b / total

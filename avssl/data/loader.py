@@ -64,22 +64,22 @@ class DataConfig(Section):
     """Which corpus to stream and how to batch it."""
 
     corpus: str = Field("data/demo", description="corpus directory (index.json, shards, stats.json)")
-    split: str = "train"
+    split: str = Field("train", description="split to stream: train, val or test")
     batch_size: int = Field(8, ge=1, description="micro-batch per rank")
     num_workers: int = Field(2, ge=0, description="DataLoader worker processes per rank")
     clip_seconds: float = Field(2.0, gt=0, le=60, description="length of each training crop")
-    crop: Literal["random", "center"] = "random"
-    modalities: list[Modality] = Field(default_factory=lambda: ["audio", "video"])
+    crop: Literal["random", "center"] = Field("random", description="where each crop of clip_seconds starts in its clip")
+    modalities: list[Modality] = Field(default_factory=lambda: ["audio", "video"], description="modalities to load")
     resampled: bool = Field(True, description="draw shards with replacement; fixed steps per epoch")
     steps_per_epoch: int | None = Field(None, ge=1, description="default: split count / (batch x world)")
-    shard_shuffle: bool = True
+    shard_shuffle: bool = Field(True, description="shuffle the shard order of each epoch")
     shuffle_buffer: int = Field(256, ge=0, description="sample shuffle buffer per worker (0: off)")
     bona_fide_only: bool = Field(
         False,
         description="drop spoofed samples before decoding (pretraining learns from bona fide speech, "
         "as on VoxCeleb2; a spoof shares its bona fide clip's video, so it would also be a false negative)",
     )
-    seed: int = 0
+    seed: int = Field(0, description="seed of the shard order, the sample shuffle and the crops")
 
     @field_validator("modalities")
     @classmethod

@@ -1,6 +1,6 @@
 """`avssl data prepare DATASET --root RAW_DIR --out SHARD_DIR`: real datasets -> avssl shards.
 
-Each preparer reads one dataset in its original on-disk layout (REFERENCE section 2), turns every
+Each preparer reads one dataset in its original on-disk layout (listed below), turns every
 utterance into a `Clip` of the one sample schema (`avssl.data.schema`: 16 kHz mono audio, RGB
 frames at their own frame rate, `Meta` labels) and writes shards with `CorpusWriter`. Beside the
 shards it writes the evaluation lists, `stats.json` and `prepare.json` (this run's summary).
@@ -65,14 +65,16 @@ import time
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable
+from typing import Any, Callable, Iterable, Iterator
 
 import numpy as np
 
 from avssl import AvsslError
-from avssl.data.features import STATS_FILE, FeatureConfig, RunningMoments, fbank, resample, save_stats
+from avssl.data.faces import FaceConfig
+from avssl.data.features import STATS_FILE, FeatureConfig, RunningMoments, fbank, save_stats
+from avssl.data.media import AUDIO_EXTENSIONS, SUPPORTED, VIDEO_EXTENSIONS, media_kind, read_audio, read_video
 from avssl.data.schema import EMOTIONS, SAMPLE_RATE, SPLITS, Clip, Meta, utterance_to_key
-from avssl.data.shards import INDEX_FILE, CorpusIndex, CorpusWriter, ShardConfig
+from avssl.data.shards import INDEX_FILE, CorpusIndex, CorpusWriter, ShardConfig, encode_clip
 from avssl.io import atomic_write_text, read_json, write_json
 from avssl.progress import progress_bar
 
@@ -103,6 +105,7 @@ class Item:
     spoof: str = "bonafide"
     attack: str = "-"
     extra: dict[str, Any] = field(default_factory=dict)
+    audio_optional: bool = False  # audio from a video container: a container without sound gives a video-only sample
 
 
 @dataclass
@@ -160,52 +163,19 @@ class Scan:
 # ----------------------------------------------------------------------------- media
 
 
-def read_audio(path: Path) -> np.ndarray:
-    """Any audio file or container's first audio stream -> float32 [N] mono at 16 kHz.
-
-    WAV / FLAC go through soundfile; everything else (.m4a AAC, an .mp4's audio track) through
-    PyAV at its own rate. Channels are averaged and the rate converted with
-    `avssl.data.features.resample`, one resampler for every corpus.
-    """
-    if path.suffix.lower() in (".wav", ".flac"):
-        import soundfile as sf
-
-        wave, sr = sf.read(str(path), dtype="float32", always_2d=True)
-        wave = wave.mean(axis=1)
-    else:
-        import av
-
-        with av.open(str(path)) as container:
-            if not container.streams.audio:
-                raise ValueError("no audio stream")
-            stream = container.streams.audio[0]
-            sr = stream.rate
-            # Packed float mono at the source rate: PyAV only converts the sample format here.
-            converter = av.AudioResampler(format="flt", layout="mono", rate=sr)
-            chunks = [f.to_ndarray().reshape(-1) for frame in container.decode(stream) for f in converter.resample(frame)]
-            chunks += [f.to_ndarray().reshape(-1) for f in converter.resample(None)]
-        wave = np.concatenate(chunks) if chunks else np.zeros(0, np.float32)
-    if wave.size == 0:
-        raise ValueError("no audio samples")
-    return np.ascontiguousarray(resample(wave.astype(np.float32, copy=False), int(sr)), dtype=np.float32)
-
-
-def read_video(path: Path) -> tuple[np.ndarray, float]:
-    """Video file -> (uint8 [T, H, W, 3] RGB, fps), via `avssl.data.schema.decode_video`."""
-    from avssl.data.schema import decode_video
-
-    return decode_video(path.read_bytes())
-
-
 def _reason(exc: BaseException) -> str:
     text = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
     return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
 
 
-def load_clip(item: Item, dataset: str, problems: list[tuple[str, str]]) -> Clip | None:
-    """Decode an item's media into a Clip; None (with the problem recorded) when unusable."""
+def load_clip(item: Item, dataset: str, problems: list[tuple[str, str]], faces: FaceConfig | None = None) -> Clip | None:
+    """Decode an item's media into a Clip; None (with the problem recorded) when unusable.
+
+    With `faces`, video frames become face crops (`avssl.data.faces`) and `extra["face"]` records
+    how; a video where no face is found keeps only its audio, and is recorded as degraded."""
     audio = video = None
     fps = None
+    extra = dict(item.extra)
     if item.audio is not None:
         if not item.audio.is_file():
             problems.append((str(item.audio), "missing: listed but not on disk"))
@@ -213,11 +183,17 @@ def load_clip(item: Item, dataset: str, problems: list[tuple[str, str]]) -> Clip
         try:
             audio = read_audio(item.audio)
         except Exception as exc:  # corrupt media is skipped, never fatal
-            problems.append((str(item.audio), f"unreadable audio ({_reason(exc)})"))
-            return None
+            if not (item.audio_optional and "no audio" in str(exc)):
+                problems.append((str(item.audio), f"unreadable audio ({_reason(exc)})"))
+                return None
     if item.video is not None:
         try:
-            video, fps = read_video(item.video)
+            video, fps, face = read_video(item.video, faces)
+            if face is not None:
+                extra["face"] = face
+            if video is None:
+                kept = "kept audio only" if audio is not None else "skipped"
+                problems.append((str(item.video), f"no face in {100 * (1 - face['detected']):.0f} % of probed frames: {kept}"))
         except Exception as exc:
             kept = "; kept audio only" if audio is not None else ""
             problems.append((str(item.video), f"unreadable video ({_reason(exc)}){kept}"))
@@ -234,7 +210,7 @@ def load_clip(item: Item, dataset: str, problems: list[tuple[str, str]]) -> Clip
         attack=item.attack,
         fps=float(fps) if video is not None else None,
         split=item.split,
-        extra=dict(item.extra),
+        extra=extra,
     )
     return Clip(meta=meta, audio=audio, video=video)
 
@@ -242,12 +218,26 @@ def load_clip(item: Item, dataset: str, problems: list[tuple[str, str]]) -> Clip
 # ----------------------------------------------------------------------------- helpers
 
 
-def _files(folder: Path, suffixes: tuple[str, ...]) -> list[Path]:
-    """Every file under `folder` with one of `suffixes` (lower-case), sorted; os.walk is fast on big trees."""
+def _files(folder: Path, suffixes: tuple[str, ...], scan: "Scan | None" = None) -> list[Path]:
+    """Every file under `folder` with one of `suffixes` (any letter case), sorted; os.walk is fast
+    on big trees. With `scan`, every other file (hidden ones aside) is recorded as skipped, so
+    nothing is left out without being counted and named."""
     out: list[Path] = []
-    for dirpath, dirnames, filenames in os.walk(folder):
+    seen: set[str] = set()
+    for dirpath, dirnames, filenames in os.walk(folder, followlinks=True):  # linked folders are the user's too
+        real = os.path.realpath(dirpath)
+        if real in seen:  # a link back up the tree: walk each folder once
+            dirnames.clear()
+            continue
+        seen.add(real)
         dirnames.sort()
-        out.extend(Path(dirpath) / f for f in filenames if f.lower().endswith(suffixes) and not f.startswith("."))
+        for f in filenames:
+            if f.startswith("."):
+                continue
+            if f.lower().endswith(suffixes):
+                out.append(Path(dirpath) / f)
+            elif scan is not None:
+                scan.bad(Path(dirpath) / f, f"skipped: not a {'/'.join(s[1:] for s in suffixes)} file")
     return sorted(out)
 
 
@@ -308,6 +298,7 @@ class Preparer(abc.ABC):
 
     name: str = ""
     layout: str = ""
+    faces_default: str = "auto"  # face cropping of this dataset's videos when --faces is not given
 
     @abc.abstractmethod
     def scan(self, root: Path, video: bool) -> Scan:
@@ -318,7 +309,7 @@ class Preparer(abc.ABC):
 
 
 class VoxCeleb1(Preparer):
-    """VoxCeleb1 audio. Split: the 40 Vox1-O test speakers (id10270-id10309, exactly the speakers of
+    """VoxCeleb1 audio (.wav as released, or .flac). Split: the 40 Vox1-O test speakers (id10270-id10309, exactly the speakers of
     veri_test2.txt) -> "test", the other 1,211 -> "train"; Vox1-E/H trials use all speakers."""
 
     name = "voxceleb1"
@@ -332,10 +323,10 @@ class VoxCeleb1(Preparer):
         for src in self.TRIAL_LISTS:  # validate before hours of decoding
             if (root / src).is_file():
                 _check_trials(root / src)
-        for path in _files(wav, (".wav",)):
+        for path in _files(wav, (".wav", ".flac"), scan):
             parts = path.relative_to(wav).parts
             if len(parts) != 3:
-                scan.bad(path, "not at wav/<speaker>/<youtube_id>/<NNNNN>.wav")
+                scan.bad(path, "not at wav/<speaker>/<youtube_id>/<NNNNN>.wav (or .flac)")
                 continue
             spk, yt, _ = parts
             m = re.fullmatch(r"id(\d{5})", spk)
@@ -358,12 +349,15 @@ def _check_trials(path: Path) -> None:
 
 
 class VoxCeleb2(Preparer):
-    """VoxCeleb2 dev: the .m4a (AAC, decoded by PyAV) and the face-cropped .mp4 of an utterance
-    form one sample; a missing mp4 gives an audio-only sample, a missing m4a a video-only one.
-    All "train" (the VoxCeleb2 test set, if present under test/, is not read)."""
+    """VoxCeleb2 dev: the .m4a (AAC, decoded by PyAV; any supported audio format is read) and the
+    face-cropped .mp4 (any supported video format) of an utterance form one sample; a missing
+    video gives an audio-only sample, a missing audio file takes the video's own sound track (a
+    video-only sample when it has none). The videos are face crops already: read with faces "off"
+    unless asked otherwise. All "train" (the VoxCeleb2 test set, if present under test/, is not read)."""
 
     name = "voxceleb2"
     layout = "VoxCeleb2's dev/aac/<speaker>/<youtube_id>/<NNNNN>.m4a (and dev/mp4/... .mp4)"
+    faces_default = "off"
 
     def scan(self, root: Path, video: bool) -> Scan:
         dev = _need_dir(root / "dev", self.layout)
@@ -371,20 +365,27 @@ class VoxCeleb2(Preparer):
             raise AvsslError(f"{dev}: no aac/ folder; expected {self.layout}")
         scan = Scan()
         media: dict[str, dict[str, Path]] = {}
-        kinds = [("aac", ".m4a", "audio")] + ([("mp4", ".mp4", "video")] if video else [])
-        for folder, suffix, kind in kinds:
+        kinds = [("aac", AUDIO_EXTENSIONS, "audio")] + ([("mp4", VIDEO_EXTENSIONS, "video")] if video else [])
+        for folder, suffixes, kind in kinds:
             if not (dev / folder).is_dir():
                 scan.notes.append(f"no {dev / folder}: {'audio' if kind == 'video' else 'video'}-only samples")
                 continue
-            for path in _files(dev / folder, (suffix,)):
+            for path in _files(dev / folder, suffixes, scan):
                 parts = path.relative_to(dev / folder).parts
                 if len(parts) != 3:
-                    scan.bad(path, f"not at dev/{folder}/<speaker>/<youtube_id>/<NNNNN>{suffix}")
+                    scan.bad(path, f"not at dev/{folder}/<speaker>/<youtube_id>/<NNNNN>.<ext>")
                     continue
-                media.setdefault(f"{parts[0]}/{parts[1]}/{path.stem}", {})[kind] = path
+                utt = f"{parts[0]}/{parts[1]}/{path.stem}"
+                if kind in media.get(utt, {}):
+                    scan.bad(path, f"duplicate of {media[utt][kind]}")
+                    continue
+                media.setdefault(utt, {})[kind] = path
         for utt, m in sorted(media.items()):
             spk, yt, _ = utt.split("/")
-            scan.items.append(Item(utt, spk, "train", audio=m.get("audio"), video=m.get("video"), extra={"youtube_id": yt}))
+            # Without an audio file the video's own sound track (if it has one) is the audio.
+            audio, optional = (m["audio"], False) if "audio" in m else (m.get("video"), True)
+            scan.items.append(Item(utt, spk, "train", audio=audio, video=m.get("video"), extra={"youtube_id": yt},
+                                   audio_optional=optional))
         return scan
 
 
@@ -407,7 +408,7 @@ class CremaD(Preparer):
             scan.notes.append(f"no {video_dir}: audio-only samples")
             video = False
         no_video = 0
-        for path in _files(audio_dir, (".wav",)):
+        for path in _files(audio_dir, (".wav",), scan):
             m = self.NAME.fullmatch(path.stem)
             if not m or m.group(3) not in EMOTIONS:
                 scan.bad(path, f"name is not <actor>_<sentence>_<emotion>_<level> with emotion in {'/'.join(EMOTIONS)}")
@@ -440,8 +441,8 @@ class Ravdess(Preparer):
     (.mp4 with audio) gives audio and frames from the same file, 02 (.mp4) frames only, 03 (.wav)
     audio only; the same performance thus appears up to three times, linked by `extra.recording`
     (the code without MM). The 8-class emotion is `extra.emotion8`; `emotion` is its CREMA-D name
-    (calm and surprised -> None). Audio is 48 kHz, resampled to 16 kHz. Frames are the full
-    1280x720 recording (no face crop). Folds of 4 actors, fold = (actor - 1) // 4 (the usual
+    (calm and surprised -> None). Audio is 48 kHz, resampled to 16 kHz. Frames are the
+    1280x720 recording, cropped to the face (`--faces`). Folds of 4 actors, fold = (actor - 1) // 4 (the usual
     6-fold subject-independent protocol); fold 5 = actors 21-24 -> "test", the rest "train"."""
 
     name = "ravdess"
@@ -458,7 +459,7 @@ class Ravdess(Preparer):
         seen: dict[str, Path] = {}
         skipped_video_only = 0
         for folder in actor_dirs:
-            for path in _files(folder, (".wav", ".mp4")):
+            for path in _files(folder, (".wav", ".mp4"), scan):
                 m = self.CODE.fullmatch(path.stem)
                 if not m:
                     scan.bad(path, "name is not a RAVDESS code MM-VV-EE-II-SS-RR-AA")
@@ -673,11 +674,148 @@ class InTheWild(Preparer):
         return _write_cm_protocols(out, written) + [_copy(self._meta(root), out, f"{PROTOCOLS_DIR}/meta.csv")]
 
 
+EMOTION_NAMES = {
+    "ang": "ANG", "angry": "ANG", "anger": "ANG", "dis": "DIS", "disgust": "DIS", "disgusted": "DIS",
+    "fea": "FEA", "fear": "FEA", "fearful": "FEA", "hap": "HAP", "happy": "HAP", "happiness": "HAP", "joy": "HAP",
+    "neu": "NEU", "neutral": "NEU", "sad": "SAD", "sadness": "SAD",
+}
+SPOOF_NAMES = {"bonafide": "bonafide", "bona-fide": "bonafide", "bona fide": "bonafide", "genuine": "bonafide",
+               "real": "bonafide", "spoof": "spoof", "fake": "spoof", "deepfake": "spoof"}
+LABEL_COLUMNS = ("path", "id", "speaker", "emotion", "spoof", "attack", "split")
+
+
+def _folder_utterance(relative: Path) -> str:
+    """A file's utterance id: its path under the root without the extension, whitespace as "_"
+    (trial lists are whitespace-separated)."""
+    return "_".join(relative.with_suffix("").as_posix().lstrip("./").split())
+
+
+class Folder(Preparer):
+    """Any tree of a user's audio and video files (`avssl data prepare folder --root DIR`).
+
+    - Every supported file is read (`avssl.data.media.SUPPORTED`, any letter case, spaces in
+      names); every other file is skipped and listed. An audio and a video file with the same name
+      in the same folder form one sample; a video alone gives audio and frames from its own
+      container (video-only when it has no sound), an audio file alone an audio-only sample.
+    - Utterance id: the path under the root without its extension, whitespace as "_"
+      (`p225/p225_001`).
+    - Labels: from `--labels CSV` (a header with `path` or `id`, and any of speaker, emotion, spoof,
+      attack, split; `path` is relative to the root, with or without the extension), else the
+      speaker is the file's folder name and the sample is bona fide, emotion unknown, split
+      "train". `--test-speakers N` puts the last N speakers (sorted) in "test" where the CSV gives
+      no split, and their bona fide clips get verification trials (`trials/folder_test.txt`:
+      every same-speaker pair and as many different-speaker pairs, at most 2,000 of each).
+    - A CSV row naming no file, or a value the schema does not know (an emotion outside
+      ANG/DIS/FEA/HAP/NEU/SAD and their English names, a spoof label outside bonafide/spoof), stops
+      the run before anything is decoded, with the file and line.
+    """
+
+    name = "folder"
+    layout = f"any folder of media files ({SUPPORTED}), speaker = the file's folder"
+
+    def __init__(self, labels: Path | None = None, test_speakers: int = 0) -> None:
+        self.labels = labels
+        self.test_speakers = test_speakers
+
+    def _read_labels(self, root: Path) -> dict[str, dict[str, str]]:
+        path = self.labels
+        if path is None:
+            return {}
+        if not path.is_file():
+            raise AvsslError(f"{path}: labels file not found (--labels)")
+        rows: dict[str, dict[str, str]] = {}
+        with open(path, newline="", encoding="utf-8-sig") as f:
+            reader = csv.DictReader(f)
+            header = [h.strip().lower() for h in reader.fieldnames or []]
+            if not ({"path", "id"} & set(header)):
+                raise _protocol_error(path, 1, "a header with a 'path' or 'id' column (and any of speaker, emotion, spoof, "
+                                      "attack, split)", ",".join(reader.fieldnames or []))
+            reader.fieldnames = header
+            for row in reader:
+                row = {k: (v or "").strip() for k, v in row.items() if k}
+                if not any(row.values()):
+                    continue
+                ref = row.get("path") or row.get("id")
+                if not ref:
+                    raise _protocol_error(path, reader.line_num, "a path or id in every row", ",".join(row.values()))
+                if row.get("emotion") and row["emotion"].lower() not in EMOTION_NAMES:
+                    raise _protocol_error(path, reader.line_num, f"an emotion among {', '.join(sorted(set(EMOTION_NAMES)))}",
+                                          ",".join(row.values()))
+                if row.get("spoof") and row["spoof"].lower() not in SPOOF_NAMES:
+                    raise _protocol_error(path, reader.line_num, f"a spoof label among {', '.join(SPOOF_NAMES)}",
+                                          ",".join(row.values()))
+                if row.get("split") and row["split"] not in SPLITS:
+                    raise _protocol_error(path, reader.line_num, f"a split among {', '.join(SPLITS)}", ",".join(row.values()))
+                key = _folder_utterance(Path(ref)) if media_kind(Path(ref)) else _folder_utterance(Path(ref + ".x"))
+                row["_line"] = str(reader.line_num)
+                rows[key] = row
+        return rows
+
+    def scan(self, root: Path, video: bool) -> Scan:
+        scan = Scan()
+        labels = self._read_labels(root)
+        groups: dict[str, dict[str, Path]] = {}
+        for path in _files(root, AUDIO_EXTENSIONS + VIDEO_EXTENSIONS, scan):
+            if self.labels is not None and path.resolve() == self.labels.resolve():
+                continue
+            kind = media_kind(path)
+            utt = _folder_utterance(path.relative_to(root))
+            if kind in groups.get(utt, {}):
+                scan.bad(path, f"skipped: same name as {groups[utt][kind]} (one {kind} file per utterance)")
+                continue
+            if kind == "video" and not video:
+                if "audio" in groups.get(utt, {}):
+                    scan.bad(path, "skipped: --no-video (its audio file is used)")
+                    continue
+            groups.setdefault(utt, {})[kind] = path
+        for ref, row in labels.items():
+            if ref not in groups:
+                raise AvsslError(f"{self.labels}:{row['_line']}: {ref!r} names no media file under {root}")
+        speakers: dict[str, str] = {}
+        for utt, files in sorted(groups.items()):
+            row = labels.get(utt, {})
+            parent = Path(utt).parent.name
+            speakers[utt] = row.get("speaker") or (parent if parent else Path(utt).name)
+        test = set(sorted(set(speakers.values()))[len(set(speakers.values())) - self.test_speakers:]) if self.test_speakers else set()
+        for utt, files in sorted(groups.items()):
+            row = labels.get(utt, {})
+            spoof = SPOOF_NAMES[row["spoof"].lower()] if row.get("spoof") else "bonafide"
+            attack = row.get("attack") or ("-" if spoof == "bonafide" else "unknown")
+            if spoof == "bonafide":
+                attack = "-"
+            emotion = EMOTION_NAMES[row["emotion"].lower()] if row.get("emotion") else None
+            split = row.get("split") or ("test" if speakers[utt] in test else "train")
+            vid = files.get("video") if video else None
+            audio, optional = (files["audio"], False) if "audio" in files else (files["video"], True)
+            extra = {k: v for k, v in row.items() if k not in LABEL_COLUMNS and not k.startswith("_") and v}
+            extra["source"] = str(files.get("audio") or files["video"])
+            scan.items.append(Item(utt, speakers[utt], split, audio=audio, video=vid, emotion=emotion, spoof=spoof,
+                                   attack=attack, extra=extra, audio_optional=optional))
+        if not labels:
+            scan.notes.append("no --labels: speaker = folder name, every file bona fide, emotion unknown")
+        return scan
+
+    def write_lists(self, root: Path, out: Path, written: list[Item]) -> list[str]:
+        tests = [i for i in written if i.split == "test" and i.spoof == "bonafide"]
+        if len({i.speaker for i in tests}) < 2:
+            return []
+        rng = np.random.default_rng(0)
+        same = [(a, b) for k, a in enumerate(tests) for b in tests[k + 1:] if a.speaker == b.speaker]
+        diff = [(a, b) for k, a in enumerate(tests) for b in tests[k + 1:] if a.speaker != b.speaker]
+        pick = lambda pairs, n: [pairs[i] for i in sorted(rng.choice(len(pairs), min(n, len(pairs)), replace=False))]
+        same = pick(same, 2000)
+        diff = pick(diff, max(len(same), 1))
+        lines = [f"1 {a.utterance} {b.utterance}\n" for a, b in same] + [f"0 {a.utterance} {b.utterance}\n" for a, b in diff]
+        name = f"{TRIALS_DIR}/folder_test.txt"
+        atomic_write_text(out / name, "".join(lines))
+        return [name]
+
+
 DATASETS: dict[str, Preparer] = {
     p.name: p
     for p in (
         VoxCeleb1(), VoxCeleb2(), CremaD(), Ravdess(), ASVspoof2019LA(),
-        ASVspoof2021("LA"), ASVspoof2021("DF"), InTheWild(),
+        ASVspoof2021("LA"), ASVspoof2021("DF"), InTheWild(), Folder(),
     )
 }
 
@@ -754,6 +892,88 @@ def _resume(name: str, out: Path, started: float) -> PrepareSummary:
     )
 
 
+def convert(item: Item, dataset: str, faces: FaceConfig | None) -> tuple:
+    """One utterance, in a worker: decoded, face-cropped, encoded as a shard sample, with its fbank
+    moments for stats.json. -> (members or None, meta, key, problems, (n, mean, m2) or None)."""
+    import torch
+
+    problems: list[tuple[str, str]] = []
+    clip = load_clip(item, dataset, problems, faces)
+    if clip is None:
+        return None, None, None, problems, None
+    moments = None
+    if clip.audio is not None:
+        m = RunningMoments()
+        m.update(fbank(torch.from_numpy(clip.audio), FeatureConfig()))
+        moments = (m.n, m.mean, m.m2)
+    return encode_clip(clip), clip.meta, clip.key, problems, moments
+
+
+def _convert_batch(items: list[Item], dataset: str, faces: FaceConfig | None) -> list[tuple]:
+    return [convert(item, dataset, faces) for item in items]
+
+
+def _worker_init() -> None:
+    import torch
+
+    torch.set_num_threads(1)  # one process per core: no intra-op threads on top
+
+
+def converted(items: list[Item], dataset: str, faces: FaceConfig | None, workers: int, address: str | None) -> Iterator[tuple]:
+    """`convert` of every item, yielded in item order: in this process (workers=1), in a pool of
+    `workers` processes, or as Ray tasks on the cluster at `address` ("local" starts one here).
+
+    At most a few batches per worker are in flight, so memory does not grow with the dataset."""
+    if address is not None:
+        yield from _converted_on_ray(items, dataset, faces, address)
+        return
+    workers = min(workers, -(-len(items) // 16))  # starting a process costs seconds: not for a handful of files
+    if workers <= 1:
+        for item in items:
+            yield convert(item, dataset, faces)
+        return
+    import multiprocessing
+    from collections import deque
+    from concurrent.futures import ProcessPoolExecutor
+
+    batch = 4
+    with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"), initializer=_worker_init) as pool:
+        pending: deque = deque()
+        for i in range(0, len(items), batch):
+            pending.append(pool.submit(_convert_batch, items[i : i + batch], dataset, faces))
+            if len(pending) >= 3 * workers:
+                yield from pending.popleft().result()
+        while pending:
+            yield from pending.popleft().result()
+
+
+def _converted_on_ray(items: list[Item], dataset: str, faces: FaceConfig | None, address: str) -> Iterator[tuple]:
+    """Ray tasks of a few items each; the media must be at the same path on every node (shared
+    storage) and avssl installed there (cluster/ray-cluster.yaml's image)."""
+    from collections import deque
+
+    import ray
+
+    started = not ray.is_initialized()
+    if started:
+        ray.init(address=None if address == "local" else address, log_to_driver=False, configure_logging=False,
+                 **({"include_dashboard": False} if address == "local" else {}))
+    try:
+        task = ray.remote(num_cpus=1)(_convert_batch)
+        window = max(2, 3 * int(ray.cluster_resources().get("CPU", 1)))
+        pending: deque = deque()
+        batch = 8
+        for i in range(0, len(items), batch):
+            pending.append(task.remote(items[i : i + batch], dataset, faces))
+            if len(pending) >= window:
+                yield from ray.get(pending.popleft())
+        while pending:
+            yield from ray.get(pending.popleft())
+    finally:
+        if started:
+            ray.shutdown()
+
+
 def prepare_dataset(
     name: str,
     root: Path,
@@ -761,21 +981,33 @@ def prepare_dataset(
     shards: ShardConfig | None = None,
     limit: int | None = None,
     video: bool = True,
+    faces: FaceConfig | None = None,
+    workers: int | None = None,
+    address: str | None = None,
+    labels: Path | None = None,
+    test_speakers: int = 0,
 ) -> PrepareSummary:
     """Convert dataset `name` (a key of DATASETS) from `root` into a corpus at `out`.
 
     `limit` caps the utterances read (evenly spaced over the dataset, for smoke runs); `video=False`
-    reads audio only. Returns the summary (also written to `<out>/prepare.json`). See the module
-    docstring for layouts, splits, lists and the failure and resume policy.
+    reads audio only. `faces` says how video frames are cropped (default: the dataset's own
+    default, `auto` but for VoxCeleb2's already-cropped videos). `workers` processes (default:
+    every core) decode and encode in parallel, or Ray tasks on the cluster at `address`; shards are
+    written in item order either way, so the corpus does not depend on them. `labels` and
+    `test_speakers` are for the `folder` dataset. Returns the summary (also written to
+    `<out>/prepare.json`). See the module docstring for layouts, splits, lists and the failure and
+    resume policy.
     """
-    import torch
-
     from avssl.data.stats import stats_from_moments
 
     started = time.monotonic()
     if name not in DATASETS:
         raise AvsslError(f"unknown dataset {name!r}; choose one of: {', '.join(DATASETS)}")
-    preparer = DATASETS[name]
+    preparer = Folder(Path(labels) if labels else None, test_speakers) if name == "folder" else DATASETS[name]
+    if name != "folder" and (labels or test_speakers):
+        raise AvsslError(f"--labels and --test-speakers are for `prepare folder`; {name} brings its own labels")
+    faces = faces or FaceConfig(mode=preparer.faces_default)
+    workers = max(1, workers if workers is not None else (os.cpu_count() or 1))
     root, out = Path(root), Path(out)
     if (out / INDEX_FILE).is_file():
         return _resume(name, out, started)
@@ -805,22 +1037,24 @@ def prepare_dataset(
     features = FeatureConfig()
     moments: dict[str, RunningMoments] = {}
     stat_clips: Counter[str] = Counter()
+    modalities: Counter[str] = Counter()
     # CorpusWriter's `with` form would call close() a second time, without our index extras:
     # close it once ourselves and only use __exit__ to drop half-written shards on failure.
     try:
-        with progress_bar(f"preparing {name}", len(items)) as bar:
-            for item in items:
-                before = len(unreadable)
-                clip = load_clip(item, name, unreadable)
-                if clip is not None:
-                    writer.write(clip)
+        where = f"Ray at {address}" if address else f"{workers} process{'es' if workers > 1 else ''}"
+        with progress_bar(f"preparing {name} ({where})", len(items)) as bar:
+            for item, (members, meta, key, problems, clip_moments) in zip(items, converted(items, name, faces, workers, address)):
+                unreadable.extend(problems)
+                if members is not None:
+                    writer.write_encoded(meta, key, members)
                     written.append(item)
                     counts[item.split] += 1
-                    if clip.audio is not None:
-                        moments.setdefault(item.split, RunningMoments()).update(fbank(torch.from_numpy(clip.audio), features))
+                    modalities["audio+video" if {"flac", "mp4"} <= set(members) else "audio" if "flac" in members else "video"] += 1
+                    if clip_moments is not None:
+                        moments.setdefault(item.split, RunningMoments()).merge(*clip_moments)
                         stat_clips[item.split] += 1
-                if len(unreadable) > before:
-                    bar.describe(f"preparing {name} ({len(unreadable)} unreadable)")
+                if problems:
+                    bar.describe(f"preparing {name} ({len(unreadable)} skipped or degraded)")
                 bar.advance()
         if not written:
             first = unreadable[0] if unreadable else "?"
@@ -829,12 +1063,14 @@ def prepare_dataset(
     except BaseException as exc:
         writer.__exit__(type(exc), exc, exc.__traceback__)
         raise
+    scan.notes.append("samples: " + ", ".join(f"{k} {v}" for k, v in sorted(modalities.items())))
     summary = PrepareSummary(
         dataset=name, out=out, counts={s: counts[s] for s in SPLITS if counts[s]},
         unreadable=unreadable, elapsed=0.0, files=files, notes=scan.notes,
     )
     write_json(out / SUMMARY_FILE, summary.to_dict())
-    writer.close(extra={"source": str(root.resolve()), "prepared_by": __name__, "limit": limit, "video": video})
+    writer.close(extra={"source": str(root.resolve()), "prepared_by": __name__, "limit": limit, "video": video,
+                        "faces": faces.model_dump(mode="json")})
     stats_split = _stats_split(summary.counts)
     if stat_clips[stats_split]:
         save_stats(out, stats_from_moments(moments[stats_split], features, stat_clips[stats_split]))

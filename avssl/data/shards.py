@@ -38,6 +38,12 @@ class ShardConfig(Section):
     )
 
 
+def _modality(members) -> str:
+    """"audio+video", "audio" or "video" from a sample's member extensions."""
+    audio, video = "flac" in members or "wav" in members, "mp4" in members
+    return "audio+video" if audio and video else "audio" if audio else "video"
+
+
 def encode_clip(clip: Clip) -> dict[str, bytes]:
     """A Clip -> the members of one webdataset sample (see avssl.data.schema)."""
     sample: dict[str, bytes] = {"json": json.dumps(clip.meta.to_dict(), sort_keys=True).encode()}
@@ -97,6 +103,7 @@ class CorpusWriter:
     _keys: set[str] = field(default_factory=set)
     _speakers: dict[str, set[str]] = field(default_factory=dict)
     _bona_fide: dict[str, int] = field(default_factory=dict)
+    _modalities: dict[str, dict[str, int]] = field(default_factory=dict)
     _index: Path | None = None
 
     def __post_init__(self) -> None:
@@ -137,14 +144,19 @@ class CorpusWriter:
         self._done[split].append({"file": shard.path.name, "count": shard.count, "bytes": shard.path.stat().st_size})
 
     def write(self, clip: Clip) -> None:
-        split = clip.meta.split
-        key = clip.key
+        self.write_encoded(clip.meta, clip.key, encode_clip(clip))
+
+    def write_encoded(self, meta: Meta, key: str, members: dict[str, bytes]) -> None:
+        """Write one sample already encoded by `encode_clip` (in a worker process, say)."""
+        split = meta.split
         if key in self._keys:
-            raise AvsslError(f"duplicate utterance id {clip.meta.utterance!r}: ids must be unique in a corpus")
+            raise AvsslError(f"duplicate utterance id {meta.utterance!r}: ids must be unique in a corpus")
         self._keys.add(key)
-        self._speakers.setdefault(split, set()).add(clip.meta.speaker)
-        self._bona_fide[split] = self._bona_fide.get(split, 0) + (clip.meta.spoof != "spoof")
-        members = encode_clip(clip)
+        self._speakers.setdefault(split, set()).add(meta.speaker)
+        self._bona_fide[split] = self._bona_fide.get(split, 0) + (meta.spoof != "spoof")
+        kinds = self._modalities.setdefault(split, {})
+        kind = _modality(members)
+        kinds[kind] = kinds.get(kind, 0) + 1
         shard = self._shard(split)
         for ext, data in members.items():
             info = tarfile.TarInfo(f"{key}.{ext}")
@@ -170,6 +182,7 @@ class CorpusWriter:
                     "count": sum(s["count"] for s in shards),
                     "bona_fide": self._bona_fide.get(split, 0),
                     "speakers": sorted(self._speakers.get(split, ())),
+                    "modalities": dict(sorted(self._modalities.get(split, {}).items())),
                     "shards": shards,
                 }
                 for split, shards in sorted(self._done.items())
@@ -218,10 +231,73 @@ class CorpusIndex:
     def shards(self, split: str) -> list[Path]:
         return [self.root / s["file"] for s in self._split(split)["shards"]]
 
+    def modalities(self, split: str) -> dict[str, int]:
+        """Samples per modality ("audio+video", "audio", "video") of a split: recorded by the
+        writer, else counted from the shards' member names (tar headers only, nothing decoded)."""
+        recorded = self._split(split).get("modalities")
+        if recorded is not None:
+            return dict(recorded)
+        counts: dict[str, int] = {}
+        for path in self.shards(split):
+            members: dict[str, set[str]] = {}
+            with tarfile.open(path) as tar:
+                for name in tar.getnames():
+                    key, _, ext = name.partition(".")
+                    members.setdefault(key, set()).add(ext)
+            for exts in members.values():
+                kind = _modality(exts)
+                counts[kind] = counts.get(kind, 0) + 1
+        return counts
+
     def _split(self, split: str) -> dict[str, Any]:
         if split not in self.data["splits"]:
             raise AvsslError(f"{self.root / INDEX_FILE}: no split {split!r}; the corpus has {self.splits}")
         return self.data["splits"][split]
+
+
+@dataclass
+class ReadReport:
+    """What a checked read could not use: whole shards (missing, not a tar, truncated: the
+    samples before the damage are still read) and single samples, each with the reason."""
+
+    bad_shards: list[str] = field(default_factory=list)
+    bad_samples: list[str] = field(default_factory=list)
+
+    def __bool__(self) -> bool:
+        return bool(self.bad_shards or self.bad_samples)
+
+    def sample(self, sample: dict[str, Any], exc: BaseException) -> None:
+        where = Path(str(sample.get("__url__", "?"))).name
+        self.bad_samples.append(f"{where}:{sample.get('__key__', '?')} ({_reason(exc)})")
+
+    def describe(self, limit: int = 10) -> str:
+        parts = []
+        for what, items in (("unreadable shard", self.bad_shards), ("bad sample", self.bad_samples)):
+            if items:
+                more = f", and {len(items) - limit} more" if len(items) > limit else ""
+                parts.append(f"{len(items)} {what}{'s' if len(items) > 1 else ''}: {'; '.join(items[:limit])}{more}")
+        return "; ".join(parts)
+
+
+def _reason(exc: BaseException) -> str:
+    text = str(exc).splitlines()[0] if str(exc) else ""
+    return f"{type(exc).__name__}: {text[:160]}" if text else type(exc).__name__
+
+
+def iter_checked_samples(paths: Iterable[Path], report: ReadReport) -> Iterator[dict[str, Any]]:
+    """Like `iter_raw_samples`, but a shard that cannot be read (missing, random bytes,
+    truncated) is recorded in `report` and passed over instead of ending the iteration."""
+    import webdataset as wds
+
+    for path in paths:
+        read = 0
+        try:
+            for sample in wds.WebDataset(str(path), shardshuffle=False, empty_check=False):
+                read += 1
+                yield sample
+        except Exception as exc:  # the shard's fault, not the caller's: name it, read on
+            after = f" after {read} samples" if read else ""
+            report.bad_shards.append(f"{Path(path).name} ({_reason(exc)}{after})")
 
 
 def iter_raw_samples(paths: Iterable[Path]) -> Iterator[dict[str, Any]]:
