@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Issue 5's GPU half in one device call: numerics of the kernels on the GPU, the attention
+# The GPU checks in one device call: numerics of the kernels on the GPU, the attention
 # provider sweep, the base training step with Triton vs SDPA (and its profile). Stages run in
 # order of importance, each in its own process under its own time limit, so one failure or
 # overrun costs only its stage. Results land in $OUT (the device tool brings back 8 files):
@@ -20,7 +20,8 @@ python3 -c "import torch, triton, transformers, pydantic; print('torch', torch._
 stage "sanity: one fused attention forward + backward against the fp32 reference"
 timeout 90 python3 - <<'PY' || { echo "SANITY FAILED: stopping here to save device time"; exit 1; }
 import torch
-from avssl.kernels import flash_attention, flash_attention_varlen, attention_reference, attention_varlen_reference
+from avssl.kernels.attention import flash_attention, flash_attention_varlen
+from avssl.kernels.reference import attention_reference, attention_varlen_reference
 torch.manual_seed(0)
 B, H, N, D = 3, 4, 197, 64
 q, k, v, do = (torch.randn(B, H, N, D, device="cuda", dtype=torch.bfloat16) for _ in range(4))

@@ -20,8 +20,8 @@ taught the encoder nothing about that modality; the gap from "zero" to "clip mea
 a clip's stationary content is worth; below "clip mean" needs the patch's own moment (content,
 timing). Why it exists: on the demo corpus the normalized audio targets sit at zero 1.00, clip mean
 0.88 and time nbr 2.2 (neighbours in time are no more alike than unrelated patches), and the demo's audio
-loss stays at 0.94-0.95, so its audio encoder has almost nothing to learn from them (README, "Does
-pretraining help?").
+loss stays at 0.94-0.95, so its audio encoder has almost nothing to learn from them
+(docs/pretraining-experiments.md, 2026-11-21).
 
 Usage:
   python benchmarks/target_baselines.py --release runs/demo/avssl/release --data data/demo

@@ -40,85 +40,111 @@ Probability = Annotated[float, Field(ge=0.0, le=1.0)]
 class HeadConfig(Section):
     """A task head on the AVViT backbone: task, inputs, fusion, pooling, loss and optimizer scales."""
 
-    task: Task
-    # Output classes. emotion: 6 by default; spoof: exactly 2 (1 = bona fide, 0 = spoof); speaker: the
-    # number of training speakers, set by the runner before the model is built.
-    num_classes: Annotated[int, Field(ge=2)] | None = None
-    # Inputs the model uses; a recipe without video for a task is ["audio"].
-    modalities: list[Modality] = Field(default_factory=lambda: ["audio", "video"], min_length=1, max_length=2)
-    # joint = audio+video tokens in one backbone sequence (joint attention), pooled;
-    # late = each modality encoded alone with its own head, log-probs (classification) or cosine
-    #        scores (speaker) averaged over the modalities a sample has;
-    # dca = each modality encoded alone, then gated dynamic cross-attention over both token sequences,
-    #       each pooled, pooled features averaged over the modalities a sample has.
-    fusion: Fusion = "joint"
-    # Late fusion's weights of the modalities: "equal" (mean over the modalities a sample has) or
-    # "learned" (softmax of one logit per modality, trained with the head by the AV loss and
-    # renormalized over the modalities a sample has): one modality far more reliable than the other
-    # (the demo's video speaker EER 2-5 % against audio's 40 %) is then not pulled towards the other.
-    late_weights: Literal["equal", "learned"] = "equal"
-    # LR scale of the late-fusion logits relative to the head's. Adam moves a parameter by about its
-    # LR per step, so at the demo probe's absolute LR (2.5e-3) 100 steps move a logit by 0.25 at
-    # most and the weights cannot leave 0.44-0.56 (measured: 0.55 for video); x100 lets them settle
-    # within a short finetuning run.
-    late_weights_lr_scale: Annotated[float, Field(gt=0.0)] = 100.0
-    # Which backbone layers the head reads: "last" (the final, normed output) or "learned" (SUPERB's
-    # probe: a softmax-weighted sum of the embedding output and every layer's output, each
-    # layer-normalized; one weight vector per branch, trained with the head at layer_weights_lr_scale
-    # times its LR). Lower layers keep local detail (colour, texture) that the last one may abstract away.
-    layer_weights: Literal["last", "learned"] = "last"
-    layer_weights_lr_scale: Annotated[float, Field(gt=0.0)] = 100.0
-    # Token pooling: mean of real tokens, or attentive statistics pooling (ECAPA-style, mean + std).
-    # Default: asp for speaker, mean otherwise.
-    pooling: Pooling = "mean"
-    # Append the backbone's own pooled embedding of each modality (its CLS output with CLS tokens,
-    # else the mean of its real tokens: what zero-shot verification reads) to the pooled features,
-    # as DINOv2's linear probe concatenates the class token with the patch-token average. The
-    # pretraining contrast puts identity into the CLS output, which a short probe on token
+    task: Task = Field(description="emotion, speaker or spoof")
+    num_classes: Annotated[int, Field(ge=2)] | None = Field(
+        None,
+        description="output classes; null: the task's (emotion: one per labels.names, spoof: 2 with 1 = bona fide, "
+        "speaker: the training speakers, set by the runner)",
+    )
+    modalities: list[Modality] = Field(
+        default_factory=lambda: ["audio", "video"], min_length=1, max_length=2, description="inputs the model uses"
+    )
+    fusion: Fusion = Field(
+        "joint",
+        description="joint: audio and video tokens in one backbone sequence, pooled; late: each modality encoded "
+        "alone with its own head, log-probs or cosine scores averaged over the modalities a sample has; dca: each "
+        "encoded alone, then gated dynamic cross-attention over both token sequences, pooled features averaged",
+    )
+    # Why learned: one modality far more reliable than the other (the demo's video speaker EER
+    # 2-5 % against audio's 40 %) is then not pulled towards the other.
+    late_weights: Literal["equal", "learned"] = Field(
+        "equal",
+        description="late fusion's modality weights: equal (mean over the modalities a sample has) or learned "
+        "(softmax of one logit per modality, trained by the AV loss, renormalized over the present modalities)",
+    )
+    # Adam moves a parameter by about its LR per step, so at the demo probe's absolute LR (2.5e-3)
+    # 100 steps move a logit by 0.25 at most and the weights cannot leave 0.44-0.56 (measured: 0.55
+    # for video); x100 lets them settle within a short finetuning run.
+    late_weights_lr_scale: Annotated[float, Field(gt=0.0)] = Field(
+        100.0, description="learning rate of the late-fusion logits relative to the head's"
+    )
+    # Lower layers keep local detail (colour, texture) that the last one may abstract away.
+    layer_weights: Literal["last", "learned"] = Field(
+        "last",
+        description="layers the head reads: last (the final, normed output) or learned (SUPERB's probe: a "
+        "softmax-weighted sum of the embedding output and every layer's layer-normalized output, one weight "
+        "vector per branch)",
+    )
+    layer_weights_lr_scale: Annotated[float, Field(gt=0.0)] = Field(
+        100.0, description="learning rate of the layer weights relative to the head's"
+    )
+    pooling: Pooling = Field(
+        "mean", description="token pooling: mean of the real tokens, or asp (attentive statistics: mean and std, "
+        "ECAPA); left out of a recipe: asp for speaker, mean otherwise"
+    )
+    # The pretraining contrast puts identity into the CLS output, which a short probe on token
     # statistics alone may not find (demo: zero-shot audio EER 30 % against 41 % for the head).
-    concat_embedding: bool = False
-    # Segment consistency (partial spoofs, PartialSpoof): for each listed modality the backbone also
-    # encodes the clip's first and last `segment_fraction` of time steps, each alone (the views of
-    # pretraining's segment contrast), and the head reads |first - last| and their cosine, from the
-    # mean of each view's patch outputs, beside the pooled tokens. A clip whose voice (or face)
-    # changes part-way differs between its ends, which a pooling over the whole clip averages away.
-    # Each listed modality adds D + 1 features to every mode (zeros in a mode without it).
-    segment_consistency: list[Modality] = Field(default_factory=list, max_length=2)
-    # Share of the time steps in each compared end (<= 0.5: the two never overlap). 1/3: a splice
-    # anywhere in the middle third leaves the first third wholly before and the last wholly after it.
-    segment_fraction: Annotated[float, Field(gt=0.0, le=0.5)] = 1 / 3
-    # Channels of the attention bottleneck of attentive statistics pooling (ECAPA-TDNN: 128).
-    asp_bottleneck: Annotated[int, Field(ge=1)] = 128
-    # Speaker embedding size (ECAPA / WeSpeaker: 192).
-    embedding_dim: Annotated[int, Field(ge=1)] = 192
-    # Dropout on the pooled features before the classifier / embedding layer.
-    dropout: Annotated[float, Field(ge=0.0, lt=1.0)] = 0.1
-    # Gate temperature of the DCA head (arXiv:2403.04661: 0.1; lower = harder choice per token).
-    dca_temperature: Annotated[float, Field(gt=0.0)] = 0.1
-    # Additive angular margin softmax (speaker): margin in radians and scale (WeSpeaker: 0.2, 32; 30 here).
-    aam_margin: Annotated[float, Field(ge=0.0, lt=math.pi / 2)] = 0.2
-    aam_scale: Annotated[float, Field(gt=0.0)] = 30.0
-    # Steps over which the margin rises linearly from 0 to aam_margin (0 = full margin from step 0).
-    margin_warmup_steps: Annotated[int, Field(ge=0)] = 0
-    # Per-class loss weights (e.g. inverse class frequency), one per class; None = unweighted.
-    class_weights: list[Annotated[float, Field(gt=0.0)]] | None = None
-    label_smoothing: Annotated[float, Field(ge=0.0, lt=1.0)] = 0.0
-    # Train-time probability that an audio-visual sample loses one of its modalities (which one:
-    # 50/50); a sample never loses both. AV-HuBERT uses 0.5 in pretraining.
-    modality_dropout: Probability = 0.0
-    # loss = L_AV + L_A + L_V (each modality alone keeps working); needs both modalities.
-    co_learning: bool = True
-    # Linear probe: backbone weights frozen (requires_grad False) and kept in eval mode.
-    freeze_backbone: bool = False
-    # Standardization of the pooled features before the task head, one per mode (AV, A, V):
-    # "batchnorm" = BatchNorm without affine over the samples that have the mode's input (MAE's
-    # linear-probe practice: frozen features have per-dimension offsets and scales far apart, which
-    # plain SGD on a linear layer handles badly); "none" = pooled features as they are.
-    feature_norm: Literal["batchnorm", "none"] = "batchnorm"
-    # Layer-wise LR decay of the backbone for full fine-tuning (1.0 = no decay).
-    layer_decay: Annotated[float, Field(gt=0.0, le=1.0)] = 0.75
-    # LR scale of the head parameters (relative to the base LR).
-    head_lr_scale: Annotated[float, Field(gt=0.0)] = 1.0
+    concat_embedding: bool = Field(
+        False,
+        description="append the backbone's own pooled embedding of each modality (the CLS output, else the token "
+        "mean: what zero-shot verification reads) to the pooled features, as DINOv2's linear probe does",
+    )
+    # A clip whose voice (or face) changes part-way differs between its ends, which a pooling over
+    # the whole clip averages away (PartialSpoof).
+    segment_consistency: list[Modality] = Field(
+        default_factory=list,
+        max_length=2,
+        description="modalities whose first and last segment_fraction of time steps are also encoded, each alone; "
+        "the head reads |first - last| and their cosine beside the pooled tokens (D + 1 features per modality)",
+    )
+    # 1/3: a splice anywhere in the middle third leaves the first third wholly before and the last
+    # wholly after it.
+    segment_fraction: Annotated[float, Field(gt=0.0, le=0.5)] = Field(
+        1 / 3, description="share of the time steps in each compared end (at most 0.5: the two never overlap)"
+    )
+    asp_bottleneck: Annotated[int, Field(ge=1)] = Field(
+        128, description="channels of the attention bottleneck of attentive statistics pooling (ECAPA-TDNN: 128)"
+    )
+    embedding_dim: Annotated[int, Field(ge=1)] = Field(192, description="speaker embedding size (ECAPA, WeSpeaker: 192)")
+    dropout: Annotated[float, Field(ge=0.0, lt=1.0)] = Field(
+        0.1, description="dropout on the pooled features before the classifier or embedding layer"
+    )
+    dca_temperature: Annotated[float, Field(gt=0.0)] = Field(
+        0.1, description="gate temperature of the DCA head (arXiv:2403.04661: 0.1; lower: a harder choice per token)"
+    )
+    aam_margin: Annotated[float, Field(ge=0.0, lt=math.pi / 2)] = Field(
+        0.2, description="speaker: additive angular margin in radians (WeSpeaker: 0.2)"
+    )
+    aam_scale: Annotated[float, Field(gt=0.0)] = Field(30.0, description="speaker: AAM-softmax scale (WeSpeaker: 32)")
+    margin_warmup_steps: Annotated[int, Field(ge=0)] = Field(
+        0, description="speaker: steps over which the margin rises linearly from 0 to aam_margin; 0: full from the start"
+    )
+    class_weights: list[Annotated[float, Field(gt=0.0)]] | None = Field(
+        None, description="loss weight per class (e.g. inverse class frequency); null: unweighted"
+    )
+    label_smoothing: Annotated[float, Field(ge=0.0, lt=1.0)] = Field(0.0, description="label smoothing of the cross-entropy")
+    modality_dropout: Probability = Field(
+        0.0,
+        description="training: probability that an audio-visual sample loses one of its modalities (either, "
+        "50/50; never both). AV-HuBERT pretrains with 0.5",
+    )
+    co_learning: bool = Field(
+        True,
+        description="loss = L_AV + L_A + L_V, so each modality alone keeps working; needs both modalities "
+        "(off by default for one)",
+    )
+    freeze_backbone: bool = Field(False, description="linear probe: backbone weights frozen and kept in eval mode")
+    # Frozen features have per-dimension offsets and scales far apart, which plain SGD on a linear
+    # layer handles badly (MAE's linear-probe practice).
+    feature_norm: Literal["batchnorm", "none"] = Field(
+        "batchnorm",
+        description="batchnorm: BatchNorm without affine over the samples that have the mode's input, one per mode "
+        "(AV, A, V), before the task head; none: pooled features as they are",
+    )
+    layer_decay: Annotated[float, Field(gt=0.0, le=1.0)] = Field(
+        0.75, description="layer-wise learning-rate decay of the backbone in full finetuning (1.0: none)"
+    )
+    head_lr_scale: Annotated[float, Field(gt=0.0)] = Field(1.0, description="learning rate of the head relative to optim.base_lr")
 
     @model_validator(mode="before")
     @classmethod

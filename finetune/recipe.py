@@ -32,14 +32,16 @@ class InitConfig(Section):
 class EvalConfig(Section):
     """Evaluation after training (and by `avssl evaluate`)."""
 
-    split: str = "test"
+    split: str = Field("test", description="split the model is evaluated on")
     trials: str | None = Field(None, description="speaker task: VoxCeleb-format trial list, relative to the corpus")
-    batch_size: int = Field(16, ge=1)
+    batch_size: int = Field(16, ge=1, description="clips per evaluation batch")
     modes: list[str] = Field(default_factory=lambda: ["av", "a", "v"], description="modalities to report: av, a, v")
     as_norm_cohort: int = Field(0, ge=0, description="speaker task: AS-Norm top-N cohort size (0: off)")
 
 
 class FinetuneRecipe(Section):
+    """`configs/finetune/*.yaml`: everything one finetuning run needs, on the pretraining runner."""
+
     data: DataConfig = Field(default_factory=DataConfig)
     features: FeatureConfig = Field(default_factory=FeatureConfig)
     head: HeadConfig

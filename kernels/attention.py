@@ -49,8 +49,8 @@ Known limits
   form avoids that cost altogether.
 - the GPU path is compile-checked for sm_90 on every CI run (tests/test_attention_kernels.py
   runs ptxas), numerically checked through the interpreter, and the same tests passed on an
-  H200 (session 12, benchmarks/results/kernel_tests_h200.log); speed is measured by
-  benchmarks/bench_attention.py (README, "Triton attention"). Not tried under torch.compile.
+  H200 (benchmarks/results/kernel_tests_h200.log); speed is measured by
+  benchmarks/bench_attention.py (docs/kernels.md). Not tried under torch.compile.
 - host time: a forward + backward cost 2.3-2.8x SDPA's host time per call on an H200 (Triton's
   launches take ~35 arguments each), which shows when the GPU work per call is small (short
   sequences, small batches); tuned keys skip Triton's Autotuner.run (see `_launch`).

@@ -283,7 +283,7 @@ def proof_run_id(printed: str) -> str:
 
 
 def test_frozen_feature_probe_script_scores_release_random_twin_and_raw_inputs(world, tmp_path):
-    """benchmarks/probe_features.py (the README's diagnostic tables) runs on a release and writes every row."""
+    """benchmarks/probe_features.py (the diagnostic tables of docs/pretraining-experiments.md) runs on a release and writes every row."""
     import subprocess
     import sys
 
@@ -304,7 +304,7 @@ def test_frozen_feature_probe_script_scores_release_random_twin_and_raw_inputs(w
 
 
 def test_target_baselines_script_bounds_every_reconstruction_loss(world, tmp_path):
-    """benchmarks/target_baselines.py (the README's reading of the reconstruction losses): a hand case,
+    """benchmarks/target_baselines.py (how docs/model.md reads the reconstruction losses): a hand case,
     then a run on a release whose numbers obey what least squares guarantees."""
     import importlib.util
     import subprocess
