@@ -3,6 +3,8 @@ WaveFake vocoded pairs) through preparation and face cropping, as a user's own f
 
 from __future__ import annotations
 
+import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -86,6 +88,11 @@ def test_prepare_folder_reads_every_real_source_and_drops_nothing(user_folder: P
     same_possible = any(test_speakers.count(s) > 1 for s in test_speakers)
     assert trials and {t.split()[0] for t in trials} == ({"0", "1"} if same_possible else {"0"})
     assert all(clips[u].meta.split == "test" for t in trials for u in t.split()[1:])
+
+    from avssl.cli import main
+
+    assert main(["data", "inspect", str(out)]) == 0  # `avssl data inspect` shows the crops
+    assert (out / "faces.png").stat().st_size > 10_000
 
 
 def test_faces_are_found_in_nearly_every_grid_frame_and_the_crop_is_square_inside_and_centred():
@@ -260,3 +267,34 @@ def test_an_audio_only_corpus_says_which_pretraining_objectives_are_off(tmp_path
     off = objectives_off(recipe, index.modalities("train"))
     assert [o.split()[0] for o in off] == ["loss_contrastive", "loss_rec_video"]
     assert objectives_off(recipe, {"audio+video": 3, "audio": 40}) == []
+
+
+def test_preparation_killed_midway_resumes_to_the_same_corpus(tmp_path: Path):
+    """SIGKILL during `prepare folder` (vctk16k, a checkpoint every 8 utterances), then the same
+    command: it keeps the finished shards, goes on from the last checkpoint, and the corpus is
+    byte-identical to one prepared without interruption."""
+    import signal
+    import time
+
+    def run(out: Path) -> str:
+        return (f"from avssl.data.prepare import prepare_dataset; from pathlib import Path\n"
+                f"prepare_dataset('folder', Path({str(REAL / 'vctk16k')!r}), Path({str(out)!r}), workers=1, checkpoint_items=8)")
+
+    killed = tmp_path / "killed"
+    proc = subprocess.Popen([sys.executable, "-c", run(killed)], env={**os.environ, "AVSSL_PROGRESS": "0"})
+    progress = killed / ".prepare-progress.json"
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline and proc.poll() is None:
+        if progress.is_file() and json.loads(progress.read_text())["items_done"] >= 16:
+            break
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert progress.is_file() and not (killed / "index.json").exists(), "the run finished before it could be killed"
+    summary = prepare_dataset("folder", REAL / "vctk16k", killed, workers=1, checkpoint_items=8)
+    assert any("resumed an interrupted run after" in n for n in summary.notes)
+    whole = tmp_path / "whole"
+    prepare_dataset("folder", REAL / "vctk16k", whole, workers=1, checkpoint_items=8)
+    for name in ("index.json", "stats.json", *sorted(p.name for p in whole.glob("*.tar"))):
+        assert (killed / name).read_bytes() == (whole / name).read_bytes(), name
+    assert not progress.exists()

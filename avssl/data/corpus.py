@@ -159,6 +159,31 @@ def extract_clips(corpus: Path, out: Path, split: str = "test", speakers: int = 
     return written
 
 
+def face_sheet(corpus: Path, split: str, path: Path, count: int = 24) -> Path | None:
+    """A contact sheet of the first frame of up to `count` video samples of a split, titled with
+    the speaker and how the crop was made (face, passthrough, whole frame); None without video."""
+    import json
+
+    from avssl.data.faces import contact_sheet
+    from avssl.data.schema import decode_video
+    from avssl.data.shards import ReadReport, iter_checked_samples
+
+    crops = []
+    for sample in iter_checked_samples(CorpusIndex.load(corpus).shards(split), ReadReport()):
+        if "mp4" not in sample:
+            continue
+        try:
+            frames, _ = decode_video(sample["mp4"], keep=lambda n, fps: [0])
+            meta = json.loads(sample["json"])
+        except Exception:  # damaged samples are reported by the summary
+            continue
+        crop = (meta.get("extra", {}).get("face") or {}).get("crop", "whole frame")
+        crops.append((f"{meta['speaker']} ({crop})", frames[0]))
+        if len(crops) == count:
+            break
+    return contact_sheet(crops, path) if crops else None
+
+
 def plot_clip(clip: Clip, features: FeatureConfig, path: Path) -> Path:
     """A picture of one sample: waveform, log-mel filterbank and a strip of face frames."""
     import matplotlib

@@ -42,14 +42,19 @@ expected format). A file listed but missing, or media that does not decode, is r
 `PrepareSummary.unreadable` as (path, reason) and skipped, never fatal; when only the video of an
 audio-visual clip fails, the clip is kept audio-only (and the video is still reported).
 
-Resume = restart, unless the corpus is complete: if `<out>/index.json` exists (it is written
-after every shard and list; only stats.json comes later and is recomputed when missing) the run
-says so and returns without redoing anything. Otherwise the run starts from scratch, deleting
-stale shards of an interrupted run (CorpusWriter writes shards under temporary names and the
-index last, so a crash never leaves a corpus that looks whole).
+Resume: a complete corpus (`<out>/index.json` exists; it is written after every shard and list,
+only stats.json comes later and is recomputed when missing) is reported and nothing is redone.
+An interrupted run resumes: every `checkpoint_items` utterances (and at least every
+`checkpoint_seconds`) the open shards are finished and `<out>/.prepare-progress.json` records,
+atomically, how far the run got: the finished shards, counts, fbank moments and problems. The
+next run with the same inputs (checked by a fingerprint of the utterance list) keeps those
+shards, deletes any other shard file (half-written ones are only ever temporary names) and
+goes on from there; since checkpoints fall on fixed utterance counts, the resumed corpus is
+byte-identical to an uninterrupted one. A run with other inputs starts from scratch.
 
-Utterances are decoded and encoded one at a time in this process: VoxCeleb2 (1.09M clips, each
-decoded and re-encoded to H.264) takes days this way; use --limit for smoke runs.
+Utterances are decoded, face-cropped and encoded in `workers` processes (default: every core)
+or as Ray tasks (`address`), and written in their order, so the corpus does not depend on how
+the work was spread. Measured throughput and what VoxCeleb2 would take: docs/data.md.
 """
 
 from __future__ import annotations
@@ -837,9 +842,10 @@ def _subsample(items: list[Item], limit: int | None) -> list[Item]:
 _SHARD_NAME = re.compile(r"\.?(train|val|test)-\d{6}\.tar(\.tmp)?")
 
 
-def _remove_stale_shards(out: Path) -> int:
-    """An interrupted run (no index.json) leaves shards that no index lists: remove them."""
-    stale = [p for p in out.iterdir() if _SHARD_NAME.fullmatch(p.name) and p.is_file()] if out.is_dir() else []
+def _remove_stale_shards(out: Path, keep: set[str] = frozenset()) -> int:
+    """An interrupted run (no index.json) leaves shards that no index lists: remove them, but the
+    finished ones a resumed run keeps."""
+    stale = [p for p in out.iterdir() if _SHARD_NAME.fullmatch(p.name) and p.is_file() and p.name not in keep] if out.is_dir() else []
     for p in stale:
         p.unlink()
     return len(stale)
@@ -890,6 +896,67 @@ def _resume(name: str, out: Path, started: float) -> PrepareSummary:
         elapsed=time.monotonic() - started, resumed=True,
         files=list(previous.get("files", [])), notes=notes,
     )
+
+
+PROGRESS_FILE = ".prepare-progress.json"
+
+
+def _fingerprint(name: str, items: list[Item], faces: FaceConfig, video: bool) -> str:
+    """The inputs a resumed run must share with the interrupted one: dataset, utterances in
+    order with their files and labels, face settings."""
+    import hashlib
+
+    h = hashlib.sha256(f"{name}|{video}|{faces.model_dump_json()}".encode())
+    for item in items:
+        h.update(f"\n{item.utterance}|{item.audio}|{item.video}|{item.split}|{item.speaker}|{item.emotion}|{item.spoof}|"
+                 f"{item.attack}".encode())
+    return h.hexdigest()
+
+
+class _Progress:
+    """The running totals of a preparation, saved at each checkpoint so a crash can resume."""
+
+    def __init__(self, path: Path, fingerprint: str) -> None:
+        self.path, self.fingerprint = path, fingerprint
+        self.counts: Counter[str] = Counter()
+        self.modalities: Counter[str] = Counter()
+        self.moments: dict[str, RunningMoments] = {}
+        self.stat_clips: Counter[str] = Counter()
+        self.failed: list[int] = []
+
+    def wrote(self, split: str, members: dict[str, bytes], clip_moments: tuple | None) -> None:
+        self.counts[split] += 1
+        self.modalities["audio+video" if {"flac", "mp4"} <= set(members) else "audio" if "flac" in members else "video"] += 1
+        if clip_moments is not None:
+            self.moments.setdefault(split, RunningMoments()).merge(*clip_moments)
+            self.stat_clips[split] += 1
+
+    def save(self, done: int, writer: CorpusWriter, unreadable: list[tuple[str, str]]) -> None:
+        write_json(self.path, {
+            "fingerprint": self.fingerprint, "items_done": done, "writer": writer.state(),
+            "counts": self.counts, "modalities": self.modalities, "stat_clips": self.stat_clips,
+            "moments": {k: [m.n, m.mean, m.m2] for k, m in self.moments.items()},
+            "failed": self.failed, "unreadable": [list(u) for u in unreadable],
+        })
+
+    def resume(self, writer: CorpusWriter, scan: Scan) -> int:
+        """Restore a matching checkpoint into `writer` and self; the number of utterances done."""
+        if not self.path.is_file():
+            return 0
+        state = read_json(self.path)
+        if state.get("fingerprint") != self.fingerprint:
+            scan.notes.append(f"{self.path}: from a run with other inputs; starting from scratch")
+            self.path.unlink()
+            return 0
+        writer.restore(state["writer"])
+        self.counts, self.modalities = Counter(state["counts"]), Counter(state["modalities"])
+        self.stat_clips = Counter(state["stat_clips"])
+        for split, (n, mean, m2) in state["moments"].items():
+            self.moments[split] = RunningMoments()
+            self.moments[split].merge(n, mean, m2)
+        self.failed = list(state["failed"])
+        scan.unreadable[:] = [tuple(u) for u in state["unreadable"]]
+        return int(state["items_done"])
 
 
 def convert(item: Item, dataset: str, faces: FaceConfig | None) -> tuple:
@@ -986,6 +1053,8 @@ def prepare_dataset(
     address: str | None = None,
     labels: Path | None = None,
     test_speakers: int = 0,
+    checkpoint_items: int = 2000,
+    checkpoint_seconds: float = 600.0,
 ) -> PrepareSummary:
     """Convert dataset `name` (a key of DATASETS) from `root` into a corpus at `out`.
 
@@ -1022,40 +1091,46 @@ def prepare_dataset(
     if len(items) < len(unique):
         scan.notes.append(f"--limit {limit}: {len(items)} of {len(unique)} utterances, evenly spaced")
     out.mkdir(parents=True, exist_ok=True)
-    if removed := _remove_stale_shards(out):
-        scan.notes.append(f"removed {removed} shard files of an interrupted run")
-
     expected = Counter(i.split for i in items)
     writer = CorpusWriter(out, shards or ShardConfig(), dataset=name, expected_per_split=dict(expected))
-    written: list[Item] = []
-    counts: Counter[str] = Counter()
-    unreadable = scan.unreadable
     # stats.json: the same fbank moments `avssl.data.stats.compute_stats` takes from the shards
     # (every clip of the stats split, in order), gathered while the audio is in memory; reading
     # the shards back would decode every video again (days for VoxCeleb2). Kept per split because
     # which split is used ("train", else the first) is only known once the unreadable are out.
     features = FeatureConfig()
-    moments: dict[str, RunningMoments] = {}
-    stat_clips: Counter[str] = Counter()
-    modalities: Counter[str] = Counter()
+    run = _Progress(out / PROGRESS_FILE, _fingerprint(name, items, faces, video))
+    start = run.resume(writer, scan)
+    if removed := _remove_stale_shards(out, keep={f["file"] for v in writer.state()["done"].values() for f in v}):
+        scan.notes.append(f"removed {removed} shard files of an interrupted run")
+    if start:
+        scan.notes.append(f"resumed an interrupted run after {start} of {len(items)} utterances ({out / PROGRESS_FILE})")
+    unreadable = scan.unreadable
     # CorpusWriter's `with` form would call close() a second time, without our index extras:
     # close it once ourselves and only use __exit__ to drop half-written shards on failure.
     try:
         where = f"Ray at {address}" if address else f"{workers} process{'es' if workers > 1 else ''}"
+        last = time.monotonic()
         with progress_bar(f"preparing {name} ({where})", len(items)) as bar:
-            for item, (members, meta, key, problems, clip_moments) in zip(items, converted(items, name, faces, workers, address)):
+            bar.advance(start) if start else None
+            results = converted(items[start:], name, faces, workers, address)
+            for i, (members, meta, key, problems, clip_moments) in enumerate(results, start):
                 unreadable.extend(problems)
                 if members is not None:
                     writer.write_encoded(meta, key, members)
-                    written.append(item)
-                    counts[item.split] += 1
-                    modalities["audio+video" if {"flac", "mp4"} <= set(members) else "audio" if "flac" in members else "video"] += 1
-                    if clip_moments is not None:
-                        moments.setdefault(item.split, RunningMoments()).merge(*clip_moments)
-                        stat_clips[item.split] += 1
+                    run.wrote(items[i].split, members, clip_moments)
+                else:
+                    run.failed.append(i)
                 if problems:
                     bar.describe(f"preparing {name} ({len(unreadable)} skipped or degraded)")
                 bar.advance()
+                # Checkpoints on fixed utterance counts (time only forces one sooner): a resumed
+                # corpus is cut into the same shards as one prepared in one go.
+                if (i + 1) % checkpoint_items == 0 or time.monotonic() - last > checkpoint_seconds:
+                    writer.flush()
+                    run.save(i + 1, writer, unreadable)
+                    last = time.monotonic()
+        failed = set(run.failed)
+        written = [item for i, item in enumerate(items) if i not in failed]
         if not written:
             first = unreadable[0] if unreadable else "?"
             raise AvsslError(f"{root}: none of {len(items)} utterances could be read; first problem: {first}")
@@ -1063,6 +1138,7 @@ def prepare_dataset(
     except BaseException as exc:
         writer.__exit__(type(exc), exc, exc.__traceback__)
         raise
+    counts, modalities, moments, stat_clips = run.counts, run.modalities, run.moments, run.stat_clips
     scan.notes.append("samples: " + ", ".join(f"{k} {v}" for k, v in sorted(modalities.items())))
     summary = PrepareSummary(
         dataset=name, out=out, counts={s: counts[s] for s in SPLITS if counts[s]},
@@ -1078,4 +1154,5 @@ def prepare_dataset(
         summary.notes.append(f"split {stats_split!r} has no audio: {STATS_FILE} not written")
     summary.elapsed = time.monotonic() - started
     write_json(out / SUMMARY_FILE, summary.to_dict())
+    (out / PROGRESS_FILE).unlink(missing_ok=True)
     return summary

@@ -169,6 +169,26 @@ class CorpusWriter:
         if shard.bytes >= self.cfg.target_mb * 2**20 or shard.count >= self._max_count(split):
             self._finish(split)
 
+    def flush(self) -> None:
+        """Finish every open shard: afterwards every sample written so far is in a complete shard."""
+        for split in list(self._open):
+            self._finish(split)
+
+    def state(self) -> dict[str, Any]:
+        """What the index needs of the samples in finished shards (call after `flush`), for a
+        run that resumes with `restore`. Keys are not kept: the caller's inputs are unique."""
+        if self._open:
+            raise RuntimeError("CorpusWriter.state() with open shards: flush() first")
+        return {"done": self._done, "speakers": {k: sorted(v) for k, v in self._speakers.items()},
+                "bona_fide": self._bona_fide, "modalities": self._modalities}
+
+    def restore(self, state: dict[str, Any]) -> None:
+        """Continue after the finished shards of an interrupted run (see `state`)."""
+        self._done = {k: list(v) for k, v in state["done"].items()}
+        self._speakers = {k: set(v) for k, v in state["speakers"].items()}
+        self._bona_fide = dict(state["bona_fide"])
+        self._modalities = {k: dict(v) for k, v in state["modalities"].items()}
+
     def close(self, extra: dict[str, Any] | None = None) -> Path:
         if self._index is not None:
             return self._index
