@@ -354,6 +354,43 @@ def plot_confusion(report: dict[str, Any], labels: list[str], out: Path) -> list
     return paths
 
 
+def write_calibration(path: Path, raw: dict[str, dict[str, Any]], trials: Path, corpus: Path, split: str,
+                      zero_shot: bool, cohort: dict[str, np.ndarray] | None, top: int, features: dict[str, Any]) -> Path | None:
+    """The calibration `avssl verify` decides with: per modality setting, the EER threshold of these
+    trials' scores and how they were made. With AS-Norm the threshold is on normalized scores, so
+    the cohort embeddings go beside it (`<name>.cohort_<mode>.npy`) and verify normalizes the same
+    way. Scores here are of each utterance's centred `clip_seconds` window (`"windows": "center"`), so
+verify scores its two files the same way: a threshold holds only for the scores it was set on
+(whole-file mean embeddings have higher cosines, pairs of other speakers too). Every file is written
+    atomically; the JSON last, so it never names a cohort file that is not there."""
+    import io
+
+    from avssl.io import atomic_write_bytes
+
+    path = Path(path)
+    table: dict[str, Any] = {}
+    for mode, r in raw.items():
+        result = M.eer(r["scores"], r["labels"])
+        entry = {"threshold": float(result.threshold), "eer": float(result.eer), "trials": str(trials),
+                 "n_trials": int(len(r["scores"])), "corpus": str(corpus), "split": split, "zero_shot": zero_shot,
+                 "windows": "center", "window_seconds": float(features["clip_seconds"])}
+        if cohort is not None and top > 0 and mode in cohort:
+            name = f"{path.stem}.cohort_{mode}.npy"
+            buffer = io.BytesIO()
+            np.save(buffer, np.asarray(cohort[mode], dtype=np.float32))
+            atomic_write_bytes(path.parent / name, buffer.getvalue())
+            entry["as_norm"] = {"top": int(top), "cohort": name, "cohort_size": int(len(cohort[mode]))}
+        table[mode] = entry
+    if not table:  # the report says so too (no results); verify then names the command that writes one
+        import logging
+
+        logging.getLogger("avssl.evaluate").warning(
+            "%s: no trial of %s [%s] could be scored (its utterances are not in the split, or all trials have one "
+            "label): no calibration written to %s", trials, corpus, split, path)
+        return None
+    return write_json(path, table)
+
+
 def _jsonable(x: Any) -> Any:
     if isinstance(x, dict):
         return {str(k): _jsonable(v) for k, v in x.items()}
@@ -369,10 +406,12 @@ def _jsonable(x: Any) -> Any:
 def evaluate(checkpoint: Path, corpus: Path, out: Path, *, task: str | None = None, split: str = "test",
              trials: Path | None = None, modes: list[str] | None = None, zero_shot: bool = False,
              batch_size: int = 16, as_norm_cohort: int = 0, asv_scores: Path | None = None,
-             labels_csv: Path | None = None) -> dict[str, Any]:
+             labels_csv: Path | None = None, calibration: Path | None = None) -> dict[str, Any]:
     """Evaluate a release on a corpus split; writes report.json and plots into `out`.
     asv_scores (spoof): an ASV score file (ASVspoof 2019 format) for min t-DCF in both forms.
-    labels_csv (emotion): `utterance,label` CSV replacing the release's label source."""
+    labels_csv (emotion): `utterance,label` CSV replacing the release's label source.
+    calibration (speaker): where the calibration for `avssl verify` goes (default: the release's
+    calibration.json; see write_calibration)."""
     from avssl.data.shards import CorpusIndex
 
     checkpoint, corpus, out = Path(checkpoint), Path(corpus), Path(out)
@@ -407,6 +446,7 @@ def evaluate(checkpoint: Path, corpus: Path, out: Path, *, task: str | None = No
     modes = [m for m in modes if m == "av" or {"a": "audio", "v": "video"}[m] in modalities]
     loader = eval_loader(corpus, split, features, batch_size, modalities)
     plots: list[Path] = []
+    calibrated: Path | None = None
     if task == "emotion":
         from avssl.finetune.runner import release_label_map
 
@@ -426,14 +466,15 @@ def evaluate(checkpoint: Path, corpus: Path, out: Path, *, task: str | None = No
             cohort = {m: d["values"] for m, d in train.items()}
         report, raw = evaluate_speaker(embed_fn, loader, read_trials(Path(trials_path)), modes, total, cohort, as_norm_cohort)
         plots = plot_binary(raw, out, "speaker verification")
-        if not zero_shot:  # the threshold `avssl verify` decides with: EER point on these trials
-            calibration = {m: {"threshold": M.eer(r["scores"], r["labels"]).threshold, "trials": str(trials_path)} for m, r in raw.items()}
-            write_json(checkpoint / CALIBRATION_FILE, calibration)
+        # What `avssl verify` decides with, for finetuned and pretrained (zero-shot) releases alike.
+        calibrated = write_calibration(Path(calibration) if calibration is not None else checkpoint / CALIBRATION_FILE,
+                                       raw, trials_path, corpus, split, zero_shot, cohort, as_norm_cohort, features)
     score_files = write_scores(raw, out)
     full = _jsonable({"task": task, "checkpoint": str(checkpoint), "corpus": str(corpus), "split": split,
                       "zero_shot": zero_shot, "eer_method": "ROC crossing with linear interpolation",
                       "asv_scores": str(asv_scores) if asv_scores is not None else None,
-                      "results": report, "plots": [p.name for p in plots], "scores": [p.name for p in score_files]})
+                      "results": report, "plots": [p.name for p in plots], "scores": [p.name for p in score_files],
+                      "calibration": str(calibrated) if calibrated is not None else None})
     write_json(out / "report.json", full)
     return full
 

@@ -504,9 +504,11 @@ def write_embeddings(result: Embeddings, out: Path) -> tuple[Path, Path]:
 
 def calibration_command(release: Path, finetuned: bool) -> str:
     zero = "" if finetuned else " --zero-shot"
-    return (f"avssl evaluate --checkpoint {release} --task speaker --data CORPUS{zero} --no-mlflow "
-            "(CORPUS: a prepared corpus with a trial list, e.g. from `avssl data prepare folder --root DIR --out CORPUS "
-            "--test-speakers 2`)")
+    return f"avssl evaluate --checkpoint {release} --task speaker --data CORPUS{zero} --no-mlflow"
+
+
+CORPUS_HINT = ("CORPUS: a prepared corpus with a trial list, e.g. from `avssl data prepare folder --root DIR --out CORPUS "
+               "--test-speakers 2`")
 
 
 def read_calibration(release: Release, path: Path | None = None) -> tuple[Path, dict[str, Any]]:
@@ -515,7 +517,8 @@ def read_calibration(release: Release, path: Path | None = None) -> tuple[Path, 
     if not path.is_file():
         where = "" if path.parent == release.path and path.name == CALIBRATION_FILE else f" --calibration {path}"
         raise AvsslError(f"{path}: no calibration, so verify has no threshold; write one with "
-                         f"`{calibration_command(release.path, release.task is not None)}{where}`, or pass --threshold")
+                         f"`{calibration_command(release.path, release.task is not None)}{where}` ({CORPUS_HINT}), "
+                         "or pass --threshold")
     from avssl.io import read_json
 
     table = read_json(path)
@@ -527,12 +530,18 @@ def read_calibration(release: Release, path: Path | None = None) -> tuple[Path, 
 
 def verify(release: Path | Release, a: Path, b: Path, threshold: float | None = None, device: str = "cpu",
            calibration: Path | None = None) -> dict[str, Any]:
-    """Cosine score of two files' embeddings (whole-file windows) in the richest modality setting
-    both have, and the decision at the calibrated threshold (EER point of evaluation trials, with
-    the AS-Norm the calibration was made with) unless `threshold` is given (raw cosine)."""
+    """Cosine score of two files' embeddings in the richest modality setting both have, and the
+    decision at the calibrated threshold (EER point of evaluation trials, with the AS-Norm the
+    calibration was made with) unless `threshold` is given (raw cosine).
+
+    The files are embedded the way the calibration's scores were made (its "windows": "center",
+    the centred window, for calibrations of `avssl evaluate`, which scores each utterance's centred
+    window): a cosine threshold does not carry over to whole-file embeddings, whose cosines are
+    higher for every pair. With `threshold`, the files are embedded whole (windows)."""
     rel = release if isinstance(release, Release) else Release.load(release, device)
     calib_path, table = (None, None) if threshold is not None else read_calibration(rel, calibration)
-    fa, fb = rel.read(Path(a)), rel.read(Path(b))
+    center = table is not None and any(e.get("windows", "center") == "center" for e in table.values())
+    fa, fb = rel.read(Path(a), center=center), rel.read(Path(b), center=center)
     common = set(fa.mode) & set(fb.mode)
     if not common:
         raise AvsslError(f"{a} and {b} share no modality: one has only audio, the other only video (or no face)")
@@ -540,7 +549,8 @@ def verify(release: Path | Release, a: Path, b: Path, threshold: float | None = 
     results, _ = rel.run([fa.restrict(mode), fb.restrict(mode)], rel.embed_fn, 16, "embedding", 2, "verifying")
     ea, eb = results[0].value, results[1].value
     score = float(ea @ eb)
-    out = {"score": score, "raw_cosine": score, "mode": mode, "windows": [results[0].windows, results[1].windows]}
+    out = {"score": score, "raw_cosine": score, "mode": mode, "windows": [results[0].windows, results[1].windows],
+           "center": center, "window_seconds": rel.seconds}
     if threshold is None:
         if mode not in table:
             raise AvsslError(f"{calib_path}: no threshold for modality setting {mode!r} (it has {', '.join(table)}); "
@@ -575,7 +585,7 @@ def check_task(release: Release, task: str | None) -> str:
         raise AvsslError(f"{release.path} is a speaker model: it has no {task or 'emotion or spoof'} classes; use "
                          "`avssl embed` / `avssl verify` with it, or predict with an emotion or spoof release")
     if task is not None and task != release.task:
-        raise AvsslError(f"{release.path} is a {release.task} model, not {task}: use --task {release.task}, or a {task} "
+        raise AvsslError(f"{release.path} holds the {release.task} head, not a {task} one: use --task {release.task}, or a {task} "
                          f"release (`avssl finetune --config {TASK_CONFIGS.format(task=task)} --init PRETRAINED`)")
     return release.task
 
