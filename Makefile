@@ -64,10 +64,10 @@ demo: $(STAMP)
 		$(BIN)/avssl finetune --config configs/finetune/$$task.yaml --init runs/quick $(QUICK_HEAD) \
 			--set trainer.name=quick-$$task || exit 1; \
 	done
-	$(BIN)/avssl data extract $(QUICK) --out runs/quick-clips --speakers 2 --per-speaker 2
+	$(BIN)/avssl data extract $(QUICK) --out runs/quick-clips --speakers 3 --per-speaker 2
 	$(BIN)/avssl embed runs/quick-clips/*.flac --checkpoint runs/quick/avssl/release --out runs/quick-clips/embeddings.npy
-	$(BIN)/avssl verify runs/quick-clips/spk0008_utt0000.flac runs/quick-clips/spk0008_utt0001.flac --checkpoint runs/quick-speaker/avssl/release
-	$(BIN)/avssl verify runs/quick-clips/spk0008_utt0000.flac runs/quick-clips/spk0009_utt0000.flac --checkpoint runs/quick-speaker/avssl/release
+	$(BIN)/avssl verify runs/quick-clips/spk0008_utt0000.mp4 runs/quick-clips/spk0008_utt0001.mp4 --checkpoint runs/quick-speaker/avssl/release
+	$(BIN)/avssl verify runs/quick-clips/spk0008_utt0000.mp4 runs/quick-clips/spk0010_utt0000.mp4 --checkpoint runs/quick-speaker/avssl/release
 	$(BIN)/avssl predict --task emotion --checkpoint runs/quick-emotion/avssl/release runs/quick-clips/*.mp4
 	@echo "pretrained release: runs/quick/avssl/release; heads: runs/quick-{speaker,emotion,spoof}/avssl/release"
 	@echo "MLflow UI: $(BIN)/mlflow ui --backend-store-uri sqlite:///$$PWD/runs/mlflow.db  (then open http://127.0.0.1:5000)"

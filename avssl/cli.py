@@ -91,9 +91,8 @@ def _print_summary(summary: dict) -> None:
 
 
 def cmd_data_inspect(args: argparse.Namespace) -> None:
-    from avssl.data.corpus import first_clip, plot_clip, summarize
+    from avssl.data.corpus import face_sheet, first_clip, plot_clip, summarize
     from avssl.data.features import FeatureConfig
-
     from avssl.data.shards import ReadReport
 
     corpus = Path(args.corpus)
@@ -105,6 +104,9 @@ def cmd_data_inspect(args: argparse.Namespace) -> None:
     num_mel_bins = (summary.get("stats") or {}).get("num_mel_bins", 128)
     path = plot_clip(clip, FeatureConfig(num_mel_bins=num_mel_bins), Path(args.plot or corpus / "inspect.png"))
     console.print(f"sample picture: {path}")
+    sheet = face_sheet(corpus, args.split, Path(args.plot or corpus / "inspect.png").with_name("faces.png"))
+    if sheet:
+        console.print(f"face crops: {sheet}")
     if problems:  # a damaged corpus: say what is damaged, and exit 1 so that scripts notice
         unread = {s: v["samples"] - v["read"] for s, v in summary["splits"].items() if v["read"] < v["samples"]}
         lost = ", ".join(f"{s}: {n} of {summary['splits'][s]['samples']}" for s, n in unread.items())
@@ -276,8 +278,10 @@ def cmd_verify(args: argparse.Namespace) -> None:
                Path(args.calibration) if args.calibration else None)
     verdict = "same speaker" if r["same_speaker"] else "different speakers"
     norm = f" (AS-Norm of cosine {r['raw_cosine']:.4f})" if "as_norm_top" in r else ""
-    console.print(f"score {r['score']:.4f}{norm} ({r['mode'].upper()}) threshold {r['threshold']:.4f}: "
-                  f"[bold]{verdict}[/bold]")
+    how = (f"centred {r['window_seconds']:g} s of each file, as the calibration was made" if r["center"]
+           else f"whole files: {r['windows'][0]} and {r['windows'][1]} windows")
+    console.print(f"score {r['score']:.4f}{norm} ({r['mode'].upper()}; {how}) threshold {r['threshold']:.4f}: "
+                  f"[bold]{verdict}[/bold]", highlight=False)
 
 
 def cmd_predict(args: argparse.Namespace) -> None:
@@ -459,7 +463,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Self-supervised audio-visual pretraining of a shared ViT backbone for speech.",
     )
     parser.add_argument("--version", action="version", version=f"avssl {__version__}")
-    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging, and Ray's and DeepSpeed's messages")
     top = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     data = top.add_parser("data", help="create, prepare and inspect corpora").add_subparsers(
@@ -498,7 +502,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_args(p, None)
     p.set_defaults(func=cmd_data_stats)
 
-    p = data.add_parser("inspect", help="summarize a corpus, draw one sample, name damaged shards and samples (exit 1)")
+    p = data.add_parser("inspect", help="summarize a corpus, draw one sample and a contact sheet of face crops, name damaged shards and samples (exit 1)")
     p.add_argument("corpus", help="corpus directory")
     p.add_argument("--split", default="train")
     p.add_argument("--plot", default=None, help="where to write the sample picture (default: CORPUS/inspect.png)")
@@ -674,6 +678,8 @@ def _cuda() -> bool:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.verbose:
+        os.environ["AVSSL_VERBOSE"] = "1"  # Ray and DeepSpeed workers log at INFO too (cluster.train.quiet_frameworks)
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s"
     )

@@ -30,7 +30,7 @@ from avssl.cluster.checkpoint import complete_checkpoints
 from avssl.cluster.export import RUN_CONFIG, export_release
 from avssl.cluster.runlock import LOCK_FILE, RunLock
 from avssl.cluster.train import train_func
-from avssl.cluster.tracking import MlflowLogger, open_run, public_recipe, redact_uri, resolve_tracking_uri
+from avssl.cluster.tracking import MlflowLogger, mlflow_ui_command, open_run, public_recipe, redact_uri, resolve_tracking_uri
 from avssl.config import flatten, save_resolved
 
 log = logging.getLogger("avssl.launch")
@@ -56,12 +56,13 @@ def init_ray(address: str | None) -> None:
     address = address or os.environ.get("RAY_ADDRESS")
     if ray.is_initialized():
         return
+    level = logging.INFO if os.environ.get("AVSSL_VERBOSE") == "1" else logging.WARNING
     if address:
-        ray.init(address=address, log_to_driver=True)
+        ray.init(address=address, log_to_driver=True, logging_level=level)
     else:  # the embedded default: a private local instance, reachable from this machine only
         # (a Ray node runs any code it is sent). The dashboard hosts the state API Ray Train polls.
         with _loopback_node():
-            ray.init(log_to_driver=True, **LOCAL_RAY_OPTIONS)
+            ray.init(log_to_driver=True, logging_level=level, **LOCAL_RAY_OPTIONS)
 
 
 @contextlib.contextmanager
@@ -405,6 +406,8 @@ def result_summary(result: RunResult) -> str:
     if result.release:
         lines.append(f"released checkpoint: {result.release}")
     lines.append(f"MLflow: {redact_uri(result.tracking_uri)} run {result.mlflow_run_id}")
+    if result.tracking_uri:
+        lines.append(f"MLflow UI: {mlflow_ui_command(result.tracking_uri)}")
     if result.metrics:
         lines.append("final metrics: " + json.dumps({k: round(v, 5) if isinstance(v, float) else v for k, v in result.metrics.items()}))
     return "\n".join(lines)

@@ -76,6 +76,19 @@ def _client(uri: str, timeout_s: float):
     return MlflowClient(tracking_uri=uri)
 
 
+EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
+
+
+def mlflow_ui_command(uri: str) -> str:
+    """The command that shows a tracking store's runs: `mlflow ui` for a local SQLite store, the
+    server's address otherwise."""
+    import sys
+
+    if uri.startswith("sqlite:"):
+        return f"{Path(sys.executable).parent / 'mlflow'} ui --backend-store-uri {uri}  (then http://127.0.0.1:5000)"
+    return f"open {redact_uri(uri)} in a browser"
+
+
 def open_run(cfg: MlflowConfig, uri: str, run_name: str, storage_path: str | Path) -> str:
     """Create the run for `run_name`, or return the id of the one a previous attempt started
     (same experiment, same avssl.run_name tag): re-running a command continues its MLflow run."""
@@ -88,6 +101,9 @@ def open_run(cfg: MlflowConfig, uri: str, run_name: str, storage_path: str | Pat
         exp_id = client.create_experiment(cfg.experiment, artifact_location=location)
     else:
         exp_id = exp.experiment_id
+    if exp is None or EXPERIMENT_KIND_TAG not in (exp.tags or {}):
+        # MLflow 3's UI opens an experiment without this tag in its GenAI view; these are training runs.
+        client.set_experiment_tag(exp_id, EXPERIMENT_KIND_TAG, "custom_model_development")
     found = client.search_runs([exp_id], filter_string=f"tags.`{RUN_NAME_TAG}` = '{run_name}'", max_results=1,
                                order_by=["attributes.start_time DESC"])
     if found:

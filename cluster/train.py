@@ -239,6 +239,15 @@ def restore_checkpoint(engine, state: TrainState) -> bool:
     return True
 
 
+def quiet_frameworks() -> None:
+    """Ray Train's per-checkpoint reports and DeepSpeed's set-up messages at INFO drown avssl's own
+    lines: keep their warnings only, unless `avssl -v` (AVSSL_VERBOSE=1) asks for everything."""
+    if os.environ.get("AVSSL_VERBOSE") == "1":
+        return
+    for name in ("ray.train", "ray.tune", "ray.data", "DeepSpeed", "deepspeed"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+
+
 def train_func(config: dict[str, Any]) -> None:
     """Ray Train entry point for one rank."""
     import ray
@@ -247,6 +256,7 @@ def train_func(config: dict[str, Any]) -> None:
     from avssl.data.loader import StreamingLoader
 
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    quiet_frameworks()
     workload = make_workload(config)
     recipe = workload.recipe
     ctx = ray.train.get_context()

@@ -112,6 +112,9 @@ def test_sqlite_logging_and_run_reuse(tmp_path):
     run = MlflowClient(uri).get_run(run_id)
     assert logger.dropped == 0 and run.data.params["a.b"] == "1" and run.data.params["c"] == "new"
     assert run.data.tags["resumed.a.b"] == "2"
+    # The experiment opens in MLflow's model-training view, not the GenAI one.
+    exp = MlflowClient(uri).get_experiment_by_name("unit")
+    assert exp.tags["mlflow.experimentKind"] == "custom_model_development"
 
 
 def _closed_port() -> int:
