@@ -38,7 +38,7 @@ from avssl import AvsslError
 from avssl.cluster.export import FEATURES_FILE
 from avssl.data.features import (FbankStats, FeatureConfig, audio_features, crop_window, fbank, frame_indices,
                                  normalize_fbank, video_features)
-from avssl.data.media import SUPPORTED, media_kind, read_audio
+from avssl.data.media import SUPPORTED, media_file_kind, media_kind, read_audio
 from avssl.data.schema import SAMPLE_RATE
 from avssl.finetune.evaluate import CALIBRATION_FILE, as_norm
 from avssl.progress import progress_bar
@@ -163,13 +163,7 @@ def read_windows(path: Path, fcfg: FeatureConfig, seconds: float, modalities: li
     faces = FaceConfig() if faces is None else faces
     grid = fcfg.frame_shift_ms / 1000
     path = Path(path)
-    if path.is_dir():
-        raise AvsslError(f"{path}: is a directory; give media files ({SUPPORTED})")
-    if not path.is_file():
-        raise AvsslError(f"{path}: file not found")
-    kind = media_kind(path)
-    if kind is None:
-        raise AvsslError(f"{path}: not a supported media file ({SUPPORTED})")
+    kind = media_file_kind(path)
     want_audio = modality != "v" and "audio" in modalities
     want_video = kind == "video" and modality != "a" and "video" in modalities
     audio = video = None

@@ -33,6 +33,19 @@ def media_kind(path: Path) -> str | None:
     return "audio" if suffix in AUDIO_EXTENSIONS else "video" if suffix in VIDEO_EXTENSIONS else None
 
 
+def media_file_kind(path: Path) -> str:
+    """'audio' or 'video' for a file a user named; AvsslError naming it when it is a directory,
+    missing, or not of a supported format."""
+    if path.is_dir():
+        raise AvsslError(f"{path}: is a directory; give media files ({SUPPORTED})")
+    if not path.is_file():
+        raise AvsslError(f"{path}: file not found")
+    kind = media_kind(path)
+    if kind is None:
+        raise AvsslError(f"{path}: not a supported media file ({SUPPORTED})")
+    return kind
+
+
 def read_audio(path: Path) -> np.ndarray:
     """Any audio file or a container's first audio stream -> float32 [N] mono at 16 kHz.
 
@@ -98,13 +111,7 @@ def load_media(path: str | Path, faces=...) -> Clip:
 
         faces = FaceConfig()
     path = Path(path)
-    if path.is_dir():
-        raise AvsslError(f"{path}: is a directory; give media files ({SUPPORTED})")
-    if not path.is_file():
-        raise AvsslError(f"{path}: file not found")
-    kind = media_kind(path)
-    if kind is None:
-        raise AvsslError(f"{path}: not a supported media file ({SUPPORTED})")
+    kind = media_file_kind(path)
     audio = video = fps = face = None
     try:
         if kind == "audio":
