@@ -244,7 +244,10 @@ def quiet_frameworks() -> None:
     lines: keep their warnings only, unless `avssl -v` (AVSSL_VERBOSE=1) asks for everything."""
     if os.environ.get("AVSSL_VERBOSE") == "1":
         return
-    for name in ("ray.train", "ray.tune", "ray.data", "DeepSpeed", "deepspeed"):
+    prefixes = ("ray.train", "ray.tune", "ray.data", "DeepSpeed", "deepspeed")
+    # Some of Ray Train's loggers are named by their file path (logging.getLogger(__file__)).
+    names = [n for n in list(logging.root.manager.loggerDict) if n.startswith(prefixes) or "/ray/train/" in n]
+    for name in (*prefixes, *names):
         logging.getLogger(name).setLevel(logging.WARNING)
 
 

@@ -19,7 +19,6 @@ from pathlib import Path
 
 import pytest
 
-from avssl.cluster import submit as jobs
 from avssl.config import load_config
 from avssl.data.corpus import CorpusRecipe, synthesize_corpus
 from test_packaging import check_probe
@@ -247,10 +246,19 @@ def test_submit_to_token_authenticated_head_with_mlflow_server(corpus, tmp_path)
         assert sorted(steps) == [4, 8]
         # The same working_dir, a probe as the job: the job's driver and a Ray task it starts
         # import HF's `kernels` (through transformers) and avssl's own, never the uploaded folder.
-        probe_job = jobs.client(address, token).submit_job(
-            entrypoint="python -m tests.probe_imports --ray", runtime_env=jobs.job_runtime_env(REPO))
-        assert jobs.wait(address, probe_job, token=token, timeout_s=180) == "SUCCEEDED"
-        lines = jobs.client(address, token).get_job_logs(probe_job).strip().splitlines()
+        # Submitted from a child process, as `avssl submit` is: the client sets Ray's token mode in
+        # its own process, which must not leak into this one's later local Ray instances.
+        submit_probe = (
+            "import sys; from pathlib import Path; from avssl.cluster import submit as jobs\n"
+            f"address, token, root = {address!r}, {token!r}, Path({str(REPO)!r})\n"
+            "job = jobs.client(address, token).submit_job(entrypoint='python -m tests.probe_imports --ray',"
+            " runtime_env=jobs.job_runtime_env(root))\n"
+            "assert jobs.wait(address, job, token=token, timeout_s=180) == 'SUCCEEDED', job\n"
+            "print(jobs.client(address, token).get_job_logs(job))\n"
+        )
+        probe = subprocess.run([sys.executable, "-c", submit_probe], capture_output=True, text=True, timeout=300, env=base)
+        assert probe.returncode == 0, probe.stderr[-3000:]
+        lines = probe.stdout.strip().splitlines()
         for line in (l for l in lines if l.startswith("{")):
             check_probe(json.loads(line), root=Path(json.loads(line)["ours"]["kernels"]).resolve().parent)
         assert sum(l.startswith("{") for l in lines) == 2, lines[-20:]

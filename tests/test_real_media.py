@@ -298,3 +298,36 @@ def test_preparation_killed_midway_resumes_to_the_same_corpus(tmp_path: Path):
     for name in ("index.json", "stats.json", *sorted(p.name for p in whole.glob("*.tar"))):
         assert (killed / name).read_bytes() == (whole / name).read_bytes(), name
     assert not progress.exists()
+
+
+@pytest.mark.slow
+def test_real_files_chain_prepare_pretrain_export_embed_evaluate_verify(user_folder: Path, tmp_path: Path, capsys):
+    """Real recordings end to end: `prepare folder` (VCTK speech and GRID talking heads) -> 4 steps
+    of pretraining on Ray + DeepSpeed -> `avssl export` -> `embed` of real files -> `evaluate
+    --zero-shot` on the test speakers' trials -> `verify` at the calibrated threshold."""
+    from avssl.cli import main
+
+    def sets(*items: str) -> list[str]:
+        return [w for item in items for w in ("--set", item)]
+
+    corpus, runs = tmp_path / "corpus", tmp_path / "runs"
+    assert main(["data", "prepare", "folder", "--root", str(user_folder / "vctk16k"), "--out", str(corpus),
+                 "--test-speakers", "2", "--workers", "1"]) == 0
+    grid = prepare_dataset("folder", user_folder / "grid", tmp_path / "grid", workers=1)
+    assert grid.counts == {"train": 11}
+    assert main(["pretrain", "--config", str(REPO / "configs/pretrain/quick.yaml"),
+                 *sets(f"data.corpus={corpus}", f"trainer.storage_path={runs}", "trainer.name=real", "trainer.total_steps=4",
+                       "trainer.checkpoint_every=4", "trainer.log_every=2", "data.batch_size=4",
+                       f"mlflow.tracking_uri=sqlite:///{runs}/mlflow.db", "mlflow.register_model=null")]) == 0
+    release = tmp_path / "release"
+    assert main(["export", str(runs / "real"), "--out", str(release)]) == 0
+    files = [*sorted((REAL / "vctk16k/p225").glob("*.wav"))[:2], REAL / "grid/bbaf2n.mpg"]
+    assert main(["embed", *map(str, files), "--checkpoint", str(release), "--out", str(tmp_path / "e.npy")]) == 0
+    emb = np.load(tmp_path / "e.npy")
+    assert emb.shape[0] == 3 and np.allclose(np.linalg.norm(emb, axis=1), 1, atol=1e-4)
+    assert main(["evaluate", "--checkpoint", str(release), "--task", "speaker", "--data", str(corpus), "--zero-shot",
+                 "--no-mlflow", "--out", str(tmp_path / "eval")]) == 0
+    assert (release / "calibration.json").is_file()
+    capsys.readouterr()
+    assert main(["verify", str(files[0]), str(files[1]), "--checkpoint", str(release)]) == 0
+    assert "threshold" in capsys.readouterr().out
