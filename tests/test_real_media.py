@@ -302,8 +302,9 @@ def test_preparation_killed_midway_resumes_to_the_same_corpus(tmp_path: Path):
 
 @pytest.mark.slow
 def test_real_files_chain_prepare_pretrain_export_embed_evaluate_verify(user_folder: Path, tmp_path: Path, capsys):
-    """Real recordings end to end: `prepare folder` (VCTK speech and GRID talking heads) -> 4 steps
-    of pretraining on Ray + DeepSpeed -> `avssl export` -> `embed` of real files -> `evaluate
+    """Real recordings end to end: `prepare folder` (VCTK speech; GRID talking heads beside it) -> 4
+    steps of pretraining on Ray + DeepSpeed, which names the objectives an audio-only corpus turns
+    off -> `avssl export` -> `embed` of real files (speech and a talking-head video) -> `evaluate
     --zero-shot` on the test speakers' trials -> `verify` at the calibrated threshold."""
     from avssl.cli import main
 
@@ -319,6 +320,13 @@ def test_real_files_chain_prepare_pretrain_export_embed_evaluate_verify(user_fol
                  *sets(f"data.corpus={corpus}", f"trainer.storage_path={runs}", "trainer.name=real", "trainer.total_steps=4",
                        "trainer.checkpoint_every=4", "trainer.log_every=2", "data.batch_size=4",
                        f"mlflow.tracking_uri=sqlite:///{runs}/mlflow.db", "mlflow.register_model=null")]) == 0
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(f"sqlite:///{runs}/mlflow.db")
+    (run,) = client.search_runs([client.get_experiment_by_name("avssl-pretrain").experiment_id])
+    # VCTK has no video: the run says so instead of logging zeros silently.
+    assert run.data.tags["avssl.objectives_off"].startswith("loss_contrastive")
+    assert "loss_rec_video" in run.data.tags["avssl.objectives_off"]
     release = tmp_path / "release"
     assert main(["export", str(runs / "real"), "--out", str(release)]) == 0
     files = [*sorted((REAL / "vctk16k/p225").glob("*.wav"))[:2], REAL / "grid/bbaf2n.mpg"]
