@@ -78,6 +78,39 @@ class MlflowConfig(Section):
     timeout_s: float = Field(10.0, gt=0, description="HTTP timeout per tracking call")
 
 
+# The model's input sizes and the data section that sets each of them.
+MODEL_INPUTS = {
+    "audio_num_mel_bins": "features.num_mel_bins",
+    "video_image_size": "features.image_size",
+    "video_num_frames": "features.num_frames",
+    "audio_num_frames": "data.clip_seconds",
+}
+
+
+def model_inputs_from_data(raw: Any, keys: tuple[str, ...] = tuple(MODEL_INPUTS)) -> Any:
+    """A recipe's `model` input sizes have one source, what the data pipeline produces: each of `keys`
+    absent from `model` is filled from `features` (and `data.clip_seconds` for the fbank frames). A
+    value the recipe does set is kept, and the recipe's check names it if it disagrees. Sections that
+    do not validate are left alone: their own validation reports them."""
+    if not isinstance(raw, dict):
+        return raw
+    model = raw.get("model") or {}
+    if not isinstance(model, dict) or all(k in model for k in keys):
+        return raw
+    try:
+        f = FeatureConfig.model_validate(raw.get("features") or {})
+        data = DataConfig.model_validate(raw.get("data") or {})
+    except (ValueError, TypeError):
+        return raw
+    derived = {
+        "audio_num_mel_bins": f.num_mel_bins,
+        "video_image_size": f.image_size,
+        "video_num_frames": f.num_frames,
+        "audio_num_frames": f.num_audio_frames(data.clip_seconds),
+    }
+    return {**raw, "model": {**{k: derived[k] for k in keys if k not in model}, **model}}
+
+
 class PretrainRecipe(Section):
     """`configs/pretrain/*.yaml`: everything one pretraining run needs."""
 
@@ -90,6 +123,11 @@ class PretrainRecipe(Section):
     deepspeed: DeepSpeedConfig = Field(default_factory=DeepSpeedConfig)
     trainer: TrainerConfig = Field(default_factory=TrainerConfig)
     mlflow: MlflowConfig = Field(default_factory=MlflowConfig)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _model_inputs_from_data(cls, raw: Any) -> Any:
+        return model_inputs_from_data(raw)
 
     @model_validator(mode="after")
     def _inputs_match_model(self) -> "PretrainRecipe":

@@ -56,7 +56,11 @@ def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, 
 
 
 def warmup_cosine(warmup_steps: int, total_steps: int, min_ratio: float):
-    """lr multiplier: linear 0 -> 1 over warmup, then cosine 1 -> min_ratio at total_steps."""
+    """lr multiplier of optimizer step k (0-based): (k + 1) / warmup_steps over the warmup, reaching 1 on
+    its last step, then cosine 1 -> min_ratio at total_steps, and min_ratio after."""
+    # Written out: no transformers schedule gives these multipliers. get_cosine_with_min_lr_schedule_with_warmup
+    # warms up from 0 (k / warmup), get_wsd_schedule from min_ratio, and the _lr_rate variant, whose warmup
+    # is this one, starts the cosine a step late ((k - warmup + 1) / (total - warmup)).
 
     def factor(step: int) -> float:
         if step < warmup_steps:

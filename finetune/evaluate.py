@@ -296,18 +296,22 @@ def plot_binary(raw: dict[str, Any], out: Path, title: str) -> list[Path]:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     from scipy.stats import norm
+    from sklearn.metrics import DetCurveDisplay
 
     paths = []
     fig, ax = plt.subplots(figsize=(5, 5))
-    ticks = np.array([0.001, 0.01, 0.05, 0.2, 0.5])
+    # The display draws norm.ppf of the rates, -inf at 0, which matplotlib leaves out: clipped, a run
+    # of error-free operating points still draws its line, along the plot's edge.
+    clip = lambda x: np.clip(x, 1e-4, 1 - 1e-4)  # noqa: E731
     for mode, d in raw.items():
+        # Our points, not DetCurveDisplay.from_predictions: the ones the EER is read from, both ends included.
         far, frr, _ = M.det_curve(d["scores"], d["labels"])
-        clip = lambda x: norm.ppf(np.clip(x, 1e-4, 1 - 1e-4))  # noqa: E731
-        ax.plot(clip(far), clip(frr), label=mode.upper())
-    ax.set_xticks(norm.ppf(ticks), [f"{100 * t:g}" for t in ticks])
-    ax.set_yticks(norm.ppf(ticks), [f"{100 * t:g}" for t in ticks])
-    ax.set_xlabel("false acceptance (%)")
-    ax.set_ylabel("false rejection (%)")
+        DetCurveDisplay(fpr=clip(far), fnr=clip(frr)).plot(ax=ax, name=mode.upper())
+    edge = 1.05 * norm.ppf(1 - 1e-4)  # the display's own limits (+-3, 0.13 %) would cut that edge off
+    ax.set_xlim(-edge, edge)
+    ax.set_ylim(-edge, edge)
+    ax.set_xlabel("false acceptance")
+    ax.set_ylabel("false rejection")
     ax.set_title(f"DET: {title}")
     ax.grid(alpha=0.3)
     ax.legend()
@@ -333,17 +337,13 @@ def plot_confusion(report: dict[str, Any], labels: list[str], out: Path) -> list
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from sklearn.metrics import ConfusionMatrixDisplay
 
     paths = []
     for mode, r in report.items():
-        cm = np.array(r["confusion_matrix"])
         fig, ax = plt.subplots(figsize=(4.5, 4))
-        ax.imshow(cm, cmap="Blues")
-        ax.set_xticks(range(len(labels)), labels, rotation=45)
-        ax.set_yticks(range(len(labels)), labels)
-        for i in range(cm.shape[0]):
-            for j in range(cm.shape[1]):
-                ax.text(j, i, str(cm[i, j]), ha="center", va="center", fontsize=7)
+        ConfusionMatrixDisplay(np.array(r["confusion_matrix"]), display_labels=labels).plot(
+            ax=ax, cmap="Blues", xticks_rotation=45, values_format="d", colorbar=False, text_kw={"fontsize": 7})
         ax.set_xlabel("predicted")
         ax.set_ylabel("true")
         ax.set_title(f"confusion ({mode.upper()}) UA {100 * r['unweighted_accuracy']:.1f}%")
@@ -477,6 +477,31 @@ def evaluate(checkpoint: Path, corpus: Path, out: Path, *, task: str | None = No
                       "calibration": str(calibrated) if calibrated is not None else None})
     write_json(out / "report.json", full)
     return full
+
+
+def evaluate_recipe(release: Path, recipe: Any, out: Path) -> dict[str, Any]:
+    """`evaluate` a finetuned release as its finetuning recipe's `eval` section says, on the
+    recipe's corpus (what `avssl finetune` runs after training)."""
+    corpus = Path(recipe.data.corpus)
+    return evaluate(release, corpus, out, split=recipe.eval.split,
+                    trials=corpus / recipe.eval.trials if recipe.eval.trials else None, modes=recipe.eval.modes,
+                    batch_size=recipe.eval.batch_size, as_norm_cohort=recipe.eval.as_norm_cohort)
+
+
+def log_report(report: dict[str, Any], out: Path, uri: str, run_id: str) -> None:
+    """A report's metrics (`eval.<mode>.<metric>`), report.json and plots into an MLflow run."""
+    from avssl.cluster.config import MlflowConfig
+    from avssl.cluster.tracking import MlflowLogger
+
+    metrics = {}
+    for mode, r in report["results"].items():
+        for key, value in r.items():
+            if isinstance(value, (int, float)) and not isinstance(value, bool):
+                metrics[f"eval.{mode}.{key}".replace("@", "_")] = float(value)
+    logger = MlflowLogger(uri, run_id, MlflowConfig())
+    logger.log_metrics(metrics, step=0)
+    logger.log_artifact(out, "evaluation")
+    logger.finish(status=None, timeout_s=60)
 
 
 def summary_table(report: dict[str, Any]) -> tuple[list[str], list[list[str]]]:

@@ -1,30 +1,23 @@
-"""Task heads on the AVViT backbone: emotion classification, speaker embedding (AAM-softmax), spoof detection.
+"""The finetuning model: AVViT backbone + pooling + an injected fusion + a task's head(s).
 
-Architecture only (no optimizer loop, no engine). `TaskModel(backbone, HeadConfig)` wraps an
-`AVViTModel` (`build_model(...).avvit`) and adds pooling, an optional fusion head and a task head.
+`TaskModel(backbone, HeadConfig, fusion=None)` wraps an `AVViTModel` (`build_model(...).avvit`). Its
+parts, each in its own place:
+- reading the backbone's features (here): which hidden states the heads read, the pooling of each
+  branch, the backbone's own embedding (`concat_embedding`), segment consistency, feature norm;
+- the fusion (`fusion.py`: joint tokens, late fusion, DCA), which says how a mode's features come
+  from the backbone and whether "av" combines the "a" and "v" predictions; `build_fusion(cfg)` by
+  default, any `fusion.Fusion` when given;
+- the task (`tasks.py`: classification, spoof, speaker embedding), which makes the head(s) and says
+  what they predict, what the loss is taken on and what evaluation scores;
+- the optimizer groups (`optim.task_param_groups`), which `param_groups` returns.
 
 Modes. A mode is the input a prediction is made from: "av" (both modalities), "a" (audio only) or
 "v" (video only). The fused mode is "av" when the config uses both modalities, else the single one.
-- fusion "joint": "av" runs the backbone on one sequence [audio tokens][video tokens] (joint
-  attention; the backbone's key-padding mask hides a modality a sample lacks) and pools all real
-  tokens; "a" / "v" run the backbone on one modality. One head serves all modes.
-- fusion "late": each modality is encoded alone and has its own pooling and head; "av" averages,
-  over the modalities a sample has, the log-probabilities (classification) or the scaled cosine
-  logits (speaker, with the margin during training). The fused speaker embedding is the normalized
-  mean of the unit embeddings of the present modalities. With `late_weights: learned` the mean is
-  weighted by softmax(one logit per modality), renormalized over the present modalities; the
-  logits are trained by the AV loss term.
-- fusion "dca": each modality is encoded alone; `DCAFusion` (gated dynamic cross-attention) runs on
-  the token sequences of the present modalities, each output is pooled by its modality's pooling and
-  the pooled features are averaged over the modalities a sample has. "a" / "v" run the same head on
-  one sequence (its cross-attention then sees only that modality). One task head serves all modes.
 Tokens. The pooling reads the backbone's last hidden state, or with `layer_weights: learned` a
 softmax-weighted sum of every hidden state (embedding output and each layer), each layer-normalized
 (SUPERB's probe), with one weight vector per pooling branch. With `segment_consistency` the
 features of every mode also hold, per listed modality, |first - last| and cos(first, last) of its
 first and last `segment_fraction` of time steps, each encoded alone (partial spoofs).
-In every fusion a sample that has only one modality gets, in mode "av", the prediction of that
-modality's path (joint: up to float rounding, through the padding mask).
 
 Training. Co-learning (config `co_learning`, both modalities): loss = L_AV + L_A + L_V, each term a
 mean over the labelled samples that have the mode's input (L_V skips audio-only samples, ...).
@@ -33,14 +26,16 @@ sample, never both, by clearing its presence flag: every path respects presence,
 modality's tokens are never read.
 
 Labels (`labels` of `forward`): emotion = class index (-1 = unlabelled, ignored); speaker = speaker
-index (-1 ignored); spoof = the loader's `is_spoof` (1 = spoof, 0 = bona fide), converted inside to
-the class index BONA_FIDE = 1 / SPOOF = 0, so that the countermeasure score
-`softmax(logits)[..., BONA_FIDE]` is higher for bona fide speech (the ASVspoof convention).
+index (-1 ignored); spoof = the loader's `is_spoof`, converted inside to BONA_FIDE = 1 / SPOOF = 0
+(`tasks.SpoofTask`).
+
+State dict. Head keys: `pools.*`, `heads.*`, `layer_logits.*`, `norms.*` and the fusion's own
+parameters under `fusion.` (`fusion.dca.*`, `fusion.late_logits`). Heads saved with the fusion's
+parameters at the top level (`dca.*`, `late_logits`) load too (`_load_from_state_dict`).
 """
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -50,18 +45,35 @@ import torch.nn.functional as F
 from torch import nn
 
 from avssl.config import ConfigError
-from avssl.pretrain.lr_decay import param_groups_lrd
+from avssl.pretrain.inputs import AVInputs
 from avssl.pretrain.masking import end_segments
-from avssl.pretrain.modeling import masked_mean
-from avssl.pretrain.modeling import AVViTModel
+from avssl.pretrain.modeling import AVViTModel, masked_mean
 
 from .config import HeadConfig
-
-MODES = ("av", "a", "v")
-MODE_OF_MODALITY = {"audio": "a", "video": "v"}
-MODALITY_OF_MODE = {"a": "audio", "v": "video"}
-# Spoof head class indices: the score is the bona fide probability (higher = bona fide).
-SPOOF, BONA_FIDE = 0, 1
+from .fusion import (
+    FUSIONS,
+    MODALITY_OF_MODE,
+    MODE_OF_MODALITY,
+    MODES,
+    DCAFusion,
+    DCAOutput,
+    Encoded,
+    Fusion,
+    build_fusion,
+    present_mean,
+)
+from .optim import task_param_groups
+from .tasks import (
+    BONA_FIDE,
+    SPOOF,
+    AAMSoftmax,
+    ClassificationHead,
+    Prediction,
+    SpeakerHead,
+    build_task,
+    margin_at,
+    masked_cross_entropy,
+)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -141,181 +153,7 @@ def build_pooling(kind: str, dim: int, bottleneck: int) -> nn.Module:
 
 
 # ---------------------------------------------------------------------------------------------
-# Losses
-
-
-def masked_cross_entropy(
-    logits: torch.Tensor,
-    targets: torch.Tensor,
-    valid: torch.Tensor | None = None,
-    weight: torch.Tensor | None = None,
-    label_smoothing: float = 0.0,
-) -> torch.Tensor:
-    """Cross-entropy over the rows with a target >= 0 (and `valid`, [B] bool): logits [B, C],
-    targets [B] int -> scalar. With class weights it is the weighted mean sum(w_y l) / sum(w_y) (as
-    torch's "mean"). No row kept -> 0, still a function of the logits (no NaN, no host sync)."""
-    keep = targets >= 0
-    if valid is not None:
-        keep = keep & valid.to(torch.bool)
-    safe = torch.where(keep, targets, torch.zeros_like(targets))
-    losses = F.cross_entropy(logits.float(), safe, weight=weight, reduction="none", label_smoothing=label_smoothing)
-    row_weight = keep.to(losses.dtype)
-    if weight is not None:
-        row_weight = row_weight * weight.to(losses.dtype)[safe]
-    return (losses * keep).sum() / row_weight.sum().clamp(min=1e-12)
-
-
-class AAMSoftmax(nn.Module):
-    """Additive angular margin softmax (ArcFace; WeSpeaker's `ArcMarginProduct`).
-
-    cosine = normalize(embedding) . normalize(W_c) [B, C]; the target class logit becomes
-    scale * cos(theta + m), the others scale * cos(theta). Past theta = pi - m, where cos(theta + m)
-    would rise again, the target logit is continued as cos(theta) - (1 + cos(pi - m)) (WeSpeaker's
-    non-easy margin; `easy_margin` keeps cos(theta) where cos(theta) <= 0 instead). The cosine is
-    clamped to [-1 + 1e-7, 1 - 1e-7] inside the sine so its gradient stays finite.
-    """
-
-    def __init__(
-        self, embedding_dim: int, num_classes: int, margin: float = 0.2, scale: float = 30.0, easy_margin: bool = False
-    ):
-        super().__init__()
-        self.weight = nn.Parameter(torch.empty(num_classes, embedding_dim))
-        nn.init.xavier_uniform_(self.weight)
-        self.scale = float(scale)
-        self.easy_margin = easy_margin
-        self.set_margin(margin)
-
-    def set_margin(self, margin: float) -> None:
-        """Change the margin (radians), e.g. during margin warm-up."""
-        self.margin = float(margin)
-        self.cos_m = math.cos(self.margin)
-        self.sin_m = math.sin(self.margin)
-        self.th = math.cos(math.pi - self.margin)
-        self.mmm = 1.0 + math.cos(math.pi - self.margin)
-
-    def cosine(self, embeddings: torch.Tensor) -> torch.Tensor:
-        """[B, E] -> cosine to every class centre [B, C] (float32)."""
-        return F.linear(F.normalize(embeddings.float(), dim=-1), F.normalize(self.weight.float(), dim=-1))
-
-    def margin_logits(self, cosine: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        """cosine [B, C], targets [B] (-1 = none) -> scale * (cos(theta + m) at the target, cos(theta) elsewhere)."""
-        safe = cosine.clamp(-1.0 + 1e-7, 1.0 - 1e-7)
-        sine = (1.0 - safe * safe).sqrt()
-        phi = cosine * self.cos_m - sine * self.sin_m  # cos(theta + m)
-        if self.easy_margin:
-            phi = torch.where(cosine > 0, phi, cosine)
-        else:
-            phi = torch.where(cosine > self.th, phi, cosine - self.mmm)
-        classes = torch.arange(cosine.shape[-1], device=cosine.device)
-        is_target = (classes[None, :] == targets[:, None]) & (targets[:, None] >= 0)  # (B, C)
-        return self.scale * torch.where(is_target, phi, cosine)
-
-    def forward(
-        self,
-        embeddings: torch.Tensor,
-        targets: torch.Tensor | None = None,
-        weight: torch.Tensor | None = None,
-        label_smoothing: float = 0.0,
-    ) -> tuple[torch.Tensor | None, torch.Tensor]:
-        """embeddings [B, E], targets [B] -> (loss on the margin logits or None, cosine logits
-        scale * cosine [B, C], the logits to score / rank classes with)."""
-        cosine = self.cosine(embeddings)
-        loss = None
-        if targets is not None:
-            loss = masked_cross_entropy(self.margin_logits(cosine, targets), targets, None, weight, label_smoothing)
-        return loss, self.scale * cosine
-
-
-def margin_at(step: int, margin: float, warmup_steps: int) -> float:
-    """AAM margin at `step`: linear from 0 at step 0 to `margin` at `warmup_steps`, then constant."""
-    if warmup_steps <= 0:
-        return margin
-    return margin * min(max(step, 0) / warmup_steps, 1.0)
-
-
-# ---------------------------------------------------------------------------------------------
-# Gated dynamic cross-attention
-
-
-@dataclass
-class DCAOutput:
-    """tokens / attended / gates: modality -> [B, L_m, D] output, [B, L_m, D] X_att, [B, L_m, 2] gate."""
-
-    tokens: dict[str, torch.Tensor]
-    attended: dict[str, torch.Tensor]
-    gates: dict[str, torch.Tensor]
-
-
-class DCAFusion(nn.Module):
-    """Gated dynamic cross-attention (Praveen & Alam, arXiv:2403.04661) over per-modality token sequences.
-
-    For each modality m given: joint cross-attention of X_m [B, L_m, D] to J = concat of all given
-    sequences [B, N, D] (single head, per-modality projections, keys restricted to real tokens):
-        X_att_m = softmax(q_m(X_m) k_m(J)^T / sqrt(D)) v_m(J)
-    then a per-token gate choosing between the unattended and the attended features:
-        G = softmax(gate_m(X_att_m) / T, dim=-1)  [B, L_m, 2]
-        out_m = ReLU(G[..., 0] * X_m + G[..., 1] * X_att_m)
-    A query with no real key (its sample lacks every given modality) gets X_att = 0. Outputs at
-    padding positions are meaningless: pool them with the same mask.
-    """
-
-    def __init__(self, dim: int, temperature: float = 0.1, modalities: Sequence[str] = ("audio", "video")):
-        super().__init__()
-        self.temperature = float(temperature)
-        self.scaling = dim**-0.5
-        self.query = nn.ModuleDict({m: nn.Linear(dim, dim) for m in modalities})
-        self.key = nn.ModuleDict({m: nn.Linear(dim, dim) for m in modalities})
-        self.value = nn.ModuleDict({m: nn.Linear(dim, dim) for m in modalities})
-        self.gate = nn.ModuleDict({m: nn.Linear(dim, 2) for m in modalities})
-
-    def forward(self, tokens: dict[str, torch.Tensor], masks: dict[str, torch.Tensor]) -> DCAOutput:
-        """tokens: modality -> [B, L_m, D]; masks: modality -> bool [B, L_m] (True = real)."""
-        names = [m for m in self.query if m in tokens]
-        if not names:
-            raise ValueError(f"DCAFusion needs tokens of at least one of {list(self.query)}")
-        joint = torch.cat([tokens[m] for m in names], dim=1)  # (B, N, D)
-        joint_mask = torch.cat([masks[m].to(torch.bool) for m in names], dim=1)[:, None, :]  # (B, 1, N)
-        out = DCAOutput({}, {}, {})
-        for m in names:
-            x = tokens[m]  # (B, Lm, D)
-            scores = torch.matmul(self.query[m](x), self.key[m](joint).transpose(1, 2)) * self.scaling  # (B, Lm, N)
-            scores = scores.float().masked_fill(~joint_mask, torch.finfo(torch.float32).min)
-            attn = (torch.softmax(scores, dim=-1) * joint_mask).to(x.dtype)  # keyless rows -> 0
-            attended = torch.matmul(attn, self.value[m](joint))  # (B, Lm, D)
-            gate = torch.softmax(self.gate[m](attended).float() / self.temperature, dim=-1).to(x.dtype)  # (B, Lm, 2)
-            out.tokens[m] = F.relu(gate[..., :1] * x + gate[..., 1:] * attended)
-            out.attended[m] = attended
-            out.gates[m] = gate
-        return out
-
-
-# ---------------------------------------------------------------------------------------------
-# Task heads
-
-
-class ClassificationHead(nn.Module):
-    """Pooled features [B, P] -> dropout -> linear -> logits [B, C]."""
-
-    def __init__(self, in_dim: int, num_classes: int, dropout: float):
-        super().__init__()
-        self.dropout = nn.Dropout(dropout)
-        self.classifier = nn.Linear(in_dim, num_classes)
-
-    def forward(self, features: torch.Tensor) -> torch.Tensor:
-        return self.classifier(self.dropout(features))
-
-
-class SpeakerHead(nn.Module):
-    """Pooled features [B, P] -> dropout -> linear -> speaker embedding [B, E]; `aam` scores classes."""
-
-    def __init__(self, in_dim: int, embedding_dim: int, num_classes: int, margin: float, scale: float, dropout: float):
-        super().__init__()
-        self.dropout = nn.Dropout(dropout)
-        self.embedding = nn.Linear(in_dim, embedding_dim)
-        self.aam = AAMSoftmax(embedding_dim, num_classes, margin, scale)
-
-    def forward(self, features: torch.Tensor) -> torch.Tensor:
-        return self.embedding(self.dropout(features))
+# The task model
 
 
 @dataclass
@@ -339,46 +177,84 @@ class TaskOutput:
     loss_parts: dict[str, torch.Tensor] = field(default_factory=dict)
 
 
-@dataclass
-class _ModeResult:
-    """One mode: pooled features [B, P], presence [B] bool, embedding [B, E] (speaker, unnormalized
-    except for late "av") or the features, logits [B, C], cosine [B, C] (speaker, not late "av")."""
-
-    features: torch.Tensor
-    present: torch.Tensor
-    embedding: torch.Tensor
-    logits: torch.Tensor
-    cosine: torch.Tensor | None = None
-
-
 def pooling_branches(fusion: str) -> tuple[str, ...]:
     """The pooling branches (and layer mixes) of a fusion: one per modality when each modality is
     encoded alone (late, dca), one shared otherwise (joint)."""
-    return ("audio", "video") if fusion in ("late", "dca") else ("shared",)
+    return FUSIONS[fusion].pool_branches
 
 
-def _present_mean(
-    values: Sequence[torch.Tensor], presents: Sequence[torch.Tensor], weights: torch.Tensor | None = None
-) -> torch.Tensor:
-    """Mean over the entries each sample has: values [B, ...], presents [B] bool -> [B, ...].
-    weights [len(values)] (positive): a weighted mean, renormalized over each sample's entries."""
-    total = torch.zeros_like(values[0])
-    count = torch.zeros(values[0].shape[0], device=values[0].device, dtype=values[0].dtype)
-    for i, (value, present) in enumerate(zip(values, presents, strict=True)):
-        p = present.to(value.dtype)
-        if weights is not None:
-            p = p * weights[i].to(value.dtype)
-        total = total + value * p.view(-1, *([1] * (value.ndim - 1)))
-        count = count + p
-    # A sample with no entry has total 0: any positive floor keeps it 0 (not 1: weights are below 1).
-    return total / count.clamp(min=1e-12).view(-1, *([1] * (values[0].ndim - 1)))
+# Keys of heads saved with the fusion's parameters at the top level -> their place under `fusion.`.
+_MOVED_KEYS = (("dca.", "fusion.dca."), ("late_logits", "fusion.late_logits"))
+
+
+def _current_key(key: str) -> str:
+    for old, new in _MOVED_KEYS:
+        if key == old or (old.endswith(".") and key.startswith(old)):
+            return new + key[len(old):]
+    return key
+
+
+class _Batch:
+    """One call's inputs as the fusion reads them (`fusion.BatchEncoding`); each modality is encoded
+    alone at most once (and its end segments once), whichever modes need it."""
+
+    def __init__(self, model: TaskModel, inputs: AVInputs):
+        self.model = model
+        self.inputs = inputs
+        self.cache: dict[Any, Any] = {}
+
+    def available(self, mode: str) -> list[str]:
+        modalities = ("audio", "video") if mode == "av" else (MODALITY_OF_MODE[mode],)
+        return [m for m in modalities if self.inputs.tensor(m) is not None]
+
+    def present(self, modality: str) -> torch.Tensor:
+        return self.inputs.present(modality)
+
+    def alone(self, modality: str) -> Encoded:
+        if modality not in self.cache:
+            x, present = self.inputs.tensor(modality), self.inputs.present(modality)
+            out = self.model._backbone(**{modality: x, f"has_{modality}": present})
+            branch = modality if modality in self.model.pools else "shared"
+            tokens = self.model._tokens(out, branch)
+            self.cache[modality] = Encoded(tokens, out[f"{modality}_token_mask"], out[f"{modality}_embeds"])
+        return self.cache[modality]
+
+    def joint(self) -> Encoded:
+        x = self.inputs
+        out = self.model._backbone(
+            audio=x.audio, video=x.video,
+            has_audio=x.has_audio if x.audio is not None else None,
+            has_video=x.has_video if x.video is not None else None,
+        )
+        mask = torch.cat([out[f"{m}_token_mask"] for m in self.available("av")], dim=1)  # (B, N)
+        return Encoded(self.model._tokens(out, "shared"), mask, out.fused_embeds)
+
+    def pool(
+        self, branch: str, tokens: torch.Tensor, mask: torch.Tensor, embedding: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        pooled = self.model.pools[branch](tokens, mask)
+        if not self.model.cfg.concat_embedding:
+            return pooled
+        if embedding is None:
+            embedding = self.model.backbone.pool_segment(tokens, mask)
+        return torch.cat([pooled, embedding.to(pooled.dtype)], dim=-1)
+
+    def segments(self, modality: str) -> torch.Tensor:
+        """`TaskModel.end_segment_features` of the modality's input, computed once."""
+        key = ("segments", modality)
+        if key not in self.cache:
+            x, present = self.inputs.tensor(modality), self.inputs.present(modality)
+            self.cache[key] = self.model.end_segment_features(modality, x, present)
+        return self.cache[key]
 
 
 class TaskModel(nn.Module):
     """AVViT backbone + pooling + fusion + task head (see the module docstring).
 
-    TaskModel(backbone: AVViTModel, cfg: HeadConfig). With `cfg.freeze_backbone` the backbone's
-    parameters are set to requires_grad=False here (linear probe) and the backbone stays in eval mode.
+    TaskModel(backbone: AVViTModel, cfg: HeadConfig, fusion: Fusion | None = None): `fusion`
+    defaults to `build_fusion(cfg, width)`; a given one decides the pooling and head branches. With
+    `cfg.freeze_backbone` the backbone's parameters are set to requires_grad=False here (linear
+    probe) and the backbone stays in eval mode.
 
     forward(audio, video, has_audio, has_video, labels=None, step=None) -> TaskOutput
       audio [B, T, F] | None, video [B, V, 3, H, W] | None, has_* [B] bool (None = all present when
@@ -386,7 +262,7 @@ class TaskModel(nn.Module):
       warm-up (`set_step`).
     """
 
-    def __init__(self, backbone: AVViTModel, cfg: HeadConfig):
+    def __init__(self, backbone: AVViTModel, cfg: HeadConfig, fusion: Fusion | None = None):
         super().__init__()
         if not isinstance(backbone, AVViTModel):
             raise TypeError(
@@ -404,20 +280,20 @@ class TaskModel(nn.Module):
         self.backbone = backbone
         self.both = cfg.both_modalities
         self.fused_mode = "av" if self.both else MODE_OF_MODALITY[cfg.modalities[0]]
+        self.task = build_task(cfg)
         dim = backbone.config.hidden_size
 
-        branches = pooling_branches(cfg.fusion)
+        branches = fusion.pool_branches if fusion is not None else pooling_branches(cfg.fusion)
         self.pools = nn.ModuleDict({b: build_pooling(cfg.pooling, dim, cfg.asp_bottleneck) for b in branches})
         # Width of the features a head reads: the pooling's, plus D with concat_embedding, plus D + 1
         # per segment-consistency modality.
         self.segment_dim = dim + 1
         self.token_dim = next(iter(self.pools.values())).out_dim + (dim if cfg.concat_embedding else 0)
         self.pooled_dim = pooled_dim = self.token_dim + self.segment_dim * len(cfg.segment_consistency)
-        self.dca = DCAFusion(dim, cfg.dca_temperature) if cfg.fusion == "dca" else None
-        head_branches = ("audio", "video") if cfg.fusion == "late" else ("shared",)
-        self.heads = nn.ModuleDict({b: self._build_head(pooled_dim) for b in head_branches})
-        # Late fusion's modality weights: logits of (audio, video); softmax -> weights (zeros = equal).
-        self.late_logits = nn.Parameter(torch.zeros(2)) if cfg.late_weights == "learned" else None
+        # Built after the poolings and before the heads: the order a seed's random draws initialize
+        # them in (tests/test_task_model.py pins the numbers that follow from it).
+        self.fusion = fusion if fusion is not None else build_fusion(cfg, dim)
+        self.heads = nn.ModuleDict({b: self.task.build_head(pooled_dim) for b in self.fusion.head_branches})
         # SUPERB layer mix: logits over (embedding output, layer 1..L) per branch; zeros = plain mean.
         num_states = backbone.config.num_hidden_layers + 1
         self.layer_logits = (
@@ -437,14 +313,6 @@ class TaskModel(nn.Module):
         self.step = 0
         self.set_step(0)
 
-    def _build_head(self, pooled_dim: int) -> nn.Module:
-        cfg = self.cfg
-        if cfg.task == "speaker":
-            return SpeakerHead(
-                pooled_dim, cfg.embedding_dim, cfg.num_classes, cfg.aam_margin, cfg.aam_scale, cfg.dropout
-            )
-        return ClassificationHead(pooled_dim, cfg.num_classes, cfg.dropout)
-
     # ---- state ----
 
     def train(self, mode: bool = True) -> TaskModel:
@@ -454,66 +322,52 @@ class TaskModel(nn.Module):
             self.backbone.eval()
         return self
 
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        """Loads heads saved with the fusion's parameters at the top level too (`_MOVED_KEYS`)."""
+        for key in [k for k in state_dict if k.startswith(prefix)]:
+            current = _current_key(key[len(prefix):])
+            if prefix + current != key:
+                state_dict[prefix + current] = state_dict.pop(key)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
     def set_step(self, step: int) -> None:
-        """Set the training step: the AAM margin follows the warm-up schedule (`margin_at`)."""
+        """Set the training step: the heads follow it (speaker: the AAM margin warm-up, `margin_at`)."""
         self.step = int(step)
-        if self.cfg.task == "speaker":
-            margin = margin_at(self.step, self.cfg.aam_margin, self.cfg.margin_warmup_steps)
-            for head in self.heads.values():
-                head.aam.set_margin(margin)
+        for head in self.heads.values():
+            head.set_step(self.step)
 
     @property
     def margin(self) -> float:
         """Current AAM margin (speaker task; 0 for the others)."""
-        head = next(iter(self.heads.values()))
-        return head.aam.margin if isinstance(head, SpeakerHead) else 0.0
+        return next(iter(self.heads.values())).margin
+
+    @property
+    def late_logits(self) -> nn.Parameter | None:
+        """Late fusion's learned (audio, video) weight logits; None for equal weights or another fusion."""
+        return getattr(self.fusion, "late_logits", None)
+
+    def late_weights(self) -> torch.Tensor | None:
+        """Late fusion's (audio, video) weights, summing to 1; None = equal (the plain mean)."""
+        return self.fusion.weights()
+
+    def layer_weights(self, branch: str) -> torch.Tensor | None:
+        """The layer mix of `branch` ("audio", "video" or "shared"): [num_layers + 1] summing to 1,
+        index 0 = embedding output; None when the head reads the last layer."""
+        return None if self.layer_logits is None else torch.softmax(self.layer_logits[branch].float(), dim=0)
 
     def param_groups(self, weight_decay: float) -> list[dict[str, Any]]:
-        """Optimizer groups, each with `params`, `weight_decay`, `lr_scale`: the backbone's layer-decayed
-        groups (`param_groups_lrd`, none when frozen), then the head's (matrices decayed, vectors not)
-        at `head_lr_scale`, then the late-fusion logits (if learned) at `head_lr_scale *
-        late_weights_lr_scale`, then the layer-mix logits (if learned) at `head_lr_scale *
-        layer_weights_lr_scale`. Every trainable parameter appears exactly once."""
-        groups = [] if self.cfg.freeze_backbone else param_groups_lrd(self.backbone, weight_decay, self.cfg.layer_decay)
-        mixing = [] if self.layer_logits is None else list(self.layer_logits.values())
-        own_group = {id(p) for p in [self.late_logits, *mixing] if p is not None}
-        decay, no_decay = [], []
-        for name, param in self.named_parameters():
-            if name.startswith("backbone.") or not param.requires_grad or id(param) in own_group:
-                continue
-            (decay if param.ndim >= 2 else no_decay).append(param)
-        for params, wd in ((decay, weight_decay), (no_decay, 0.0)):
-            if params:
-                groups.append({"params": params, "weight_decay": wd, "lr_scale": self.cfg.head_lr_scale})
-        if self.late_logits is not None:
-            scale = self.cfg.head_lr_scale * self.cfg.late_weights_lr_scale
-            groups.append({"params": [self.late_logits], "weight_decay": 0.0, "lr_scale": scale})
-        if mixing:
-            scale = self.cfg.head_lr_scale * self.cfg.layer_weights_lr_scale
-            groups.append({"params": mixing, "weight_decay": 0.0, "lr_scale": scale})
-        return groups
+        """Optimizer groups (`optim.task_param_groups`)."""
+        return task_param_groups(self, weight_decay)
 
     # ---- inputs ----
 
-    def _inputs(self, audio, video, has_audio, has_video):
-        """Drop unused modalities; presence flags [B] bool, False wherever the tensor is missing."""
-        if "audio" not in self.cfg.modalities:
-            audio = None
-        if "video" not in self.cfg.modalities:
-            video = None
-        ref = audio if audio is not None else video
-        if ref is None:
+    def _inputs(self, audio, video, has_audio, has_video) -> AVInputs:
+        """The modalities this model uses as one `AVInputs`; presence False wherever a tensor is missing."""
+        audio = audio if "audio" in self.cfg.modalities else None
+        video = video if "video" in self.cfg.modalities else None
+        if audio is None and video is None:
             raise ValueError(f"TaskModel uses {self.cfg.modalities} but got none of them")
-        batch, device = ref.shape[0], ref.device
-
-        def flags(x, given):
-            if x is None:
-                return torch.zeros(batch, dtype=torch.bool, device=device)
-            if given is None:
-                return torch.ones(batch, dtype=torch.bool, device=device)
-            return given.to(device=device, dtype=torch.bool)
-
-        return audio, video, flags(audio, has_audio), flags(video, has_video)
+        return AVInputs.of(audio, video, has_audio, has_video)
 
     def drop_modalities(self, has_audio: torch.Tensor, has_video: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Train-time modality dropout: each sample with both modalities loses one (audio or video,
@@ -528,12 +382,9 @@ class TaskModel(nn.Module):
     def targets(self, labels: torch.Tensor) -> torch.Tensor:
         """Loader labels -> the class indices `logits` are over (-1 kept as "no label"); spoof: the
         loader's is_spoof (1 = spoof) -> BONA_FIDE (1) / SPOOF (0). Compare `logits.argmax(-1)` with this."""
-        labels = labels.long()
-        if self.cfg.task == "spoof":
-            return torch.where(labels < 0, labels, BONA_FIDE - labels)
-        return labels
+        return self.task.targets(labels)
 
-    # ---- encoding ----
+    # ---- reading the backbone ----
 
     def _backbone(self, **inputs) -> Any:
         with torch.set_grad_enabled(torch.is_grad_enabled() and not self.cfg.freeze_backbone):
@@ -549,35 +400,6 @@ class TaskModel(nn.Module):
         states = out.hidden_states
         mixed = sum(w * F.layer_norm(h.float(), h.shape[-1:]) for w, h in zip(weights, states, strict=True))
         return mixed.to(states[-1].dtype)
-
-    def layer_weights(self, branch: str) -> torch.Tensor | None:
-        """The layer mix of `branch` ("audio", "video" or "shared"): [num_layers + 1] summing to 1,
-        index 0 = embedding output; None when the head reads the last layer."""
-        return None if self.layer_logits is None else torch.softmax(self.layer_logits[branch].float(), dim=0)
-
-    def _features(
-        self, mode: str, audio, video, has_audio, has_video, alone: dict
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Pooled features [B, P] and presence [B] of `mode` ("av" not for late fusion), the segment
-        consistency of each `segment_consistency` modality appended. `alone` caches each modality's
-        unimodal encoding (tokens the head reads [B, L, D], mask [B, L], the backbone's embedding
-        [B, D]) and its segment consistency across modes."""
-        inputs = {"audio": (audio, has_audio), "video": (video, has_video)}
-        pooled, present = self._pooled(mode, inputs, alone)
-        if not self.cfg.segment_consistency:
-            return pooled, present
-        in_mode = ("audio", "video") if mode == "av" else (MODALITY_OF_MODE[mode],)
-        parts = [pooled]
-        for modality in self.cfg.segment_consistency:
-            x, has = inputs[modality]
-            if modality not in in_mode or x is None:
-                parts.append(pooled.new_zeros(pooled.shape[0], self.segment_dim))
-                continue
-            key = ("segments", modality)
-            if key not in alone:
-                alone[key] = self.end_segment_features(modality, x, has)
-            parts.append(alone[key].to(pooled.dtype))
-        return torch.cat(parts, dim=-1), present
 
     def end_segment_features(self, modality: str, x: torch.Tensor, present: torch.Tensor) -> torch.Tensor:
         """[B, D + 1]: |first - last| and cos(first, last), where first / last are the means of the patch
@@ -598,117 +420,49 @@ class TaskModel(nn.Module):
         features = torch.cat([(first - last).abs(), cosine[:, None]], dim=-1) * present[:, None]
         return features.to(means.dtype)
 
-    def _pooled(self, mode: str, inputs: dict, alone: dict) -> tuple[torch.Tensor, torch.Tensor]:
-        """The pooled features [B, P'] of `mode` before segment consistency, and presence [B]; zeros when
-        the mode has none of its inputs."""
-        (audio, has_audio), (video, has_video) = inputs["audio"], inputs["video"]
+    def _features(self, mode: str, batch: _Batch) -> tuple[torch.Tensor, torch.Tensor]:
+        """Pooled features [B, P] and presence [B] of `mode` (a feature mode of the fusion): the
+        fusion's pooled features (zeros when the mode has none of its inputs), then the segment
+        consistency of each `segment_consistency` modality (zeros where the mode or sample lacks it)."""
+        available = batch.available(mode)
+        if mode == "av":
+            present = batch.present("audio") | batch.present("video")
+        else:
+            present = batch.present(MODALITY_OF_MODE[mode])
+        if available:
+            pooled = self.fusion(mode, batch)
+        else:
+            ref = next(x for x in (batch.inputs.audio, batch.inputs.video) if x is not None)
+            pooled = ref.new_zeros(ref.shape[0], self.token_dim, dtype=torch.float32)
+        if not self.cfg.segment_consistency:
+            return pooled, present
+        in_mode = ("audio", "video") if mode == "av" else (MODALITY_OF_MODE[mode],)
+        parts = [pooled]
+        for modality in self.cfg.segment_consistency:
+            if modality not in in_mode or batch.inputs.tensor(modality) is None:
+                parts.append(pooled.new_zeros(pooled.shape[0], self.segment_dim))
+            else:
+                parts.append(batch.segments(modality).to(pooled.dtype))
+        return torch.cat(parts, dim=-1), present
 
-        def encode_alone(modality: str):
-            if modality not in alone:
-                x, present = inputs[modality]
-                if x is None:
-                    alone[modality] = None
-                else:
-                    out = self._backbone(**{modality: x, f"has_{modality}": present})
-                    branch = modality if modality in self.pools else "shared"
-                    alone[modality] = (self._tokens(out, branch), out[f"{modality}_token_mask"], out[f"{modality}_embeds"])
-            return alone[modality]
-
-        ref = audio if audio is not None else video
-        modalities = ("audio", "video") if mode == "av" else (MODALITY_OF_MODE[mode],)
-        present = has_audio | has_video if mode == "av" else inputs[modalities[0]][1]
-        available = [m for m in modalities if inputs[m][0] is not None]
-        if not available:
-            return ref.new_zeros(ref.shape[0], self.token_dim, dtype=torch.float32), present
-
-        def pool(branch: str, tokens: torch.Tensor, mask: torch.Tensor, embedding=None) -> torch.Tensor:
-            """The branch's pooling of one token sequence, with the backbone's embedding appended
-            (`concat_embedding`; computed from the sequence when not given)."""
-            pooled = self.pools[branch](tokens, mask)
-            if not self.cfg.concat_embedding:
-                return pooled
-            if embedding is None:
-                embedding = self.backbone.pool_segment(tokens, mask)
-            return torch.cat([pooled, embedding.to(pooled.dtype)], dim=-1)
-
-        if self.cfg.fusion == "joint":
-            if mode == "av":
-                out = self._backbone(
-                    audio=audio, video=video,
-                    has_audio=has_audio if audio is not None else None,
-                    has_video=has_video if video is not None else None,
-                )
-                mask = torch.cat([out[f"{m}_token_mask"] for m in available], dim=1)  # (B, N)
-                return pool("shared", self._tokens(out, "shared"), mask, out.fused_embeds), present
-            tokens, mask, embedding = encode_alone(available[0])
-            return pool("shared", tokens, mask, embedding), present
-
-        encoded = {m: encode_alone(m) for m in available}
-        if self.cfg.fusion == "late":
-            (m,) = available
-            tokens, mask, embedding = encoded[m]
-            return pool(m, tokens, mask, embedding), present
-        # dca
-        fused = self.dca({m: t for m, (t, _, _) in encoded.items()}, {m: k for m, (_, k, _) in encoded.items()})
-        pooled = [pool(m, fused.tokens[m], encoded[m][1]) for m in available]
-        return _present_mean(pooled, [inputs[m][1] for m in available]), present
-
-    def _head(self, mode: str) -> nn.Module:
-        if self.cfg.fusion == "late":
-            return self.heads[MODALITY_OF_MODE[mode]]
-        return self.heads["shared"]
-
-    def _compute(self, audio, video, has_audio, has_video, modes: Sequence[str]) -> dict[str, _ModeResult]:
-        """Features, embeddings and logits of each mode in `modes` (late "av" also computes "a", "v")."""
-        need = set(modes)
-        if self.cfg.fusion == "late" and "av" in need:
-            need |= {"a", "v"}
-        alone: dict = {}
-        results: dict[str, _ModeResult] = {}
-        for mode in ("a", "v", "av"):  # unimodal first: late "av" combines them
+    def _compute(self, inputs: AVInputs, modes: Sequence[str]) -> dict[str, Prediction]:
+        """The prediction of each mode in `modes` (a fusion that combines predictions also computes
+        "a" and "v" for "av")."""
+        combines = self.fusion.combines_predictions
+        need = set(modes) | ({"a", "v"} if combines and "av" in modes else set())
+        batch = _Batch(self, inputs)
+        results: dict[str, Prediction] = {}
+        for mode in ("a", "v", "av"):  # unimodal first: a combined "av" is made of them
             if mode not in need:
                 continue
-            if self.cfg.fusion == "late" and mode == "av":
-                results[mode] = self._late_fusion(results["a"], results["v"])
+            if combines and mode == "av":
+                results[mode] = self.fusion.combine(self.task, results["a"], results["v"])
                 continue
-            features, present = self._features(mode, audio, video, has_audio, has_video, alone)
+            features, present = self._features(mode, batch)
             if mode in self.norms:
                 features = self.norms[mode](features, present)
-            head = self._head(mode)
-            if self.cfg.task == "speaker":
-                embedding = head(features)
-                cosine = head.aam.cosine(embedding)
-                results[mode] = _ModeResult(features, present, embedding, head.aam.scale * cosine, cosine)
-            else:
-                results[mode] = _ModeResult(features, present, features, head(features))
+            results[mode] = self.task.predict(self.heads[self.fusion.head_branch(mode)], features, present)
         return results
-
-    def late_weights(self) -> torch.Tensor | None:
-        """Late fusion's (audio, video) weights, summing to 1; None = equal (the plain mean)."""
-        return None if self.late_logits is None else torch.softmax(self.late_logits.float(), dim=0)
-
-    def _late_fusion(self, a: _ModeResult, v: _ModeResult) -> _ModeResult:
-        """(Weighted) mean over present modalities: log-probs (classification); cosine logits, unit
-        embeddings (speaker)."""
-        presents = [a.present, v.present]
-        present = a.present | v.present
-        weights = self.late_weights()
-        features = _present_mean([a.features, v.features], presents)
-        if self.cfg.task == "speaker":
-            units = [F.normalize(r.embedding.float(), dim=-1) for r in (a, v)]
-            embedding = F.normalize(_present_mean(units, presents, weights), dim=-1)
-            return _ModeResult(features, present, embedding, _present_mean([a.logits, v.logits], presents, weights))
-        log_probs = [F.log_softmax(r.logits.float(), dim=-1) for r in (a, v)]
-        return _ModeResult(features, present, features, _present_mean(log_probs, presents, weights))
-
-    def _loss_logits(self, mode: str, results: dict[str, _ModeResult], targets: torch.Tensor) -> torch.Tensor:
-        """The logits the loss of `mode` is taken on (speaker: with the AAM margin on the target)."""
-        if self.cfg.task != "speaker":
-            return results[mode].logits
-        if self.cfg.fusion == "late" and mode == "av":
-            parts = [self._loss_logits(m, results, targets) for m in ("a", "v")]
-            return _present_mean(parts, [results["a"].present, results["v"].present], self.late_weights())
-        return self._head(mode).aam.margin_logits(results[mode].cosine, targets)
 
     def _resolve_mode(self, mode: str) -> str:
         """A mode this model can run: "av" ("everything the model uses") is the fused mode, which for a
@@ -734,32 +488,26 @@ class TaskModel(nn.Module):
     ) -> TaskOutput:
         if step is not None:
             self.set_step(step)
-        audio, video, has_audio, has_video = self._inputs(audio, video, has_audio, has_video)
-        has_audio, has_video = self.drop_modalities(has_audio, has_video)
+        inputs = self._inputs(audio, video, has_audio, has_video)
+        inputs = inputs.with_presence(*self.drop_modalities(inputs.has_audio, inputs.has_video))
         co_learn = self.cfg.co_learning and self.both
-        unimodal = self.both and (self.cfg.fusion == "late" or (co_learn and (self.training or labels is not None)))
+        labelled = self.training or labels is not None
+        unimodal = self.both and (self.fusion.combines_predictions or (co_learn and labelled))
         modes = ("av", "a", "v") if unimodal else (self.fused_mode,)
-        results = self._compute(audio, video, has_audio, has_video, modes)
+        results = self._compute(inputs, modes)
 
         fused = results[self.fused_mode]
-        speaker = self.cfg.task == "speaker"
         out = TaskOutput(
             logits=fused.logits,
-            embeddings=F.normalize(fused.embedding.float(), dim=-1) if speaker else fused.features,
-            per_modality={
-                mode: F.normalize(r.embedding.float(), dim=-1) if speaker else r.logits for mode, r in results.items()
-            },
+            embeddings=self.task.embeddings(fused),
+            per_modality={mode: self.task.per_modality(r) for mode, r in results.items()},
         )
         if labels is not None:
             targets = self.targets(labels.to(fused.logits.device))
-            loss_modes = ("av", "a", "v") if co_learn else (self.fused_mode,)
-            for mode in loss_modes:
+            for mode in ("av", "a", "v") if co_learn else (self.fused_mode,):
+                result = results[mode]
                 out.loss_parts[mode] = masked_cross_entropy(
-                    self._loss_logits(mode, results, targets),
-                    targets,
-                    results[mode].present,
-                    self.class_weights,
-                    self.cfg.label_smoothing,
+                    result.loss_logits(targets), targets, result.present, self.class_weights, self.cfg.label_smoothing
                 )
             out.loss = sum(out.loss_parts.values())
         return out
@@ -778,10 +526,8 @@ class TaskModel(nn.Module):
         "av" on a single-modality model is its one modality. No modality dropout; call `.eval()` first.
         A sample lacking the mode's inputs gets zeros."""
         mode = self._resolve_mode(mode)
-        audio, video, has_audio, has_video = self._inputs(audio, video, has_audio, has_video)
-        result = self._compute(audio, video, has_audio, has_video, (mode,))[mode]
-        vectors = result.embedding if self.cfg.task == "speaker" else result.features
-        return F.normalize(vectors.float(), dim=-1)
+        result = self._compute(self._inputs(audio, video, has_audio, has_video), (mode,))[mode]
+        return F.normalize(result.embedding.float(), dim=-1)
 
     @torch.no_grad()
     def scores(
@@ -792,13 +538,9 @@ class TaskModel(nn.Module):
         has_video: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Evaluation scores of the fused mode: emotion -> class probabilities [B, C]; spoof -> bona fide
-        probability [B] (higher = bona fide); speaker -> normalized embeddings [B, E] (`embed`)."""
-        if self.cfg.task == "speaker":
-            return self.embed(audio, video, has_audio, has_video, mode=self.fused_mode)
-        audio, video, has_audio, has_video = self._inputs(audio, video, has_audio, has_video)
-        logits = self._compute(audio, video, has_audio, has_video, (self.fused_mode,))[self.fused_mode].logits
-        probs = torch.softmax(logits.float(), dim=-1)
-        return probs[..., BONA_FIDE] if self.cfg.task == "spoof" else probs
+        probability [B] (higher = bona fide); speaker -> normalized embeddings [B, E] (as `embed`)."""
+        inputs = self._inputs(audio, video, has_audio, has_video)
+        return self.task.scores(self._compute(inputs, (self.fused_mode,))[self.fused_mode])
 
 
 @torch.no_grad()
@@ -841,7 +583,7 @@ def zero_shot_embeddings(
         F.normalize(backbone(audio=audio, has_audio=has_audio).audio_embeds.float(), dim=-1),
         F.normalize(backbone(video=video, has_video=has_video).video_embeds.float(), dim=-1),
     ]
-    return F.normalize(_present_mean(units, [has_audio, has_video]), dim=-1)
+    return F.normalize(present_mean(units, [has_audio, has_video]), dim=-1)
 
 
 __all__ = [
@@ -859,5 +601,6 @@ __all__ = [
     "TaskOutput",
     "margin_at",
     "masked_cross_entropy",
+    "pooling_branches",
     "zero_shot_embeddings",
 ]

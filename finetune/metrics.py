@@ -1,4 +1,4 @@
-"""Evaluation metrics for speaker verification, spoof detection and emotion recognition (numpy only).
+"""Evaluation metrics for speaker verification, spoof detection and emotion recognition.
 
 Every function says which variant it implements, since published numbers differ by variant:
 
@@ -23,12 +23,17 @@ Every function says which variant it implements, since published numbers differ 
 - Comparing two systems on one test set: `paired_bootstrap`, a paired cluster bootstrap of any
   difference of these metrics (clusters = speakers), giving its standard error and 95 % interval.
 
+Classification metrics are scikit-learn's, on inputs validated here (imported where used: `avssl
+verify` and `embed` load this module without needing them); the binary-trial metrics and the
+bootstrap are numpy (each section says why no library serves).
+
 Inputs are array-likes; bad input (empty, lengths that differ, NaN or inf scores, one class where
 both are needed) raises ValueError saying what is wrong.
 """
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 from typing import Any, Callable, Sequence
 
@@ -93,6 +98,8 @@ def _class_inputs(y_true: Any, y_pred: Any, num_classes: int | None = None) -> t
 
 
 # ----------------------------------------------------------------------------- binary trials
+# Written out: scikit-learn has no EER, minDCF or t-DCF, and its det_curve drops the accept-all
+# and reject-all ends that minDCF and t-DCF must weigh.
 
 
 def det_curve(scores: Any, labels: Any) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -339,50 +346,55 @@ def tdcf_2021(
 
 def confusion_matrix(y_true: Any, y_pred: Any, num_classes: int | None = None) -> np.ndarray:
     """int64 [C, C]: row = true class, column = predicted class (scikit-learn's orientation)."""
+    from sklearn.metrics import confusion_matrix as sk_confusion_matrix
+
     t, p, c = _class_inputs(y_true, y_pred, num_classes)
-    return np.bincount(t * c + p, minlength=c * c).reshape(c, c)
+    with warnings.catch_warnings():
+        # scikit-learn warns on any 1 x 1 result, even one asked for through `labels` (C = 1).
+        warnings.filterwarnings("ignore", "A single label was found", UserWarning)
+        return sk_confusion_matrix(t, p, labels=np.arange(c))
 
 
 def per_class_recall(y_true: Any, y_pred: Any, num_classes: int | None = None) -> np.ndarray:
     """float64 [C]: correct / support per true class; NaN for classes absent from y_true."""
-    cm = confusion_matrix(y_true, y_pred, num_classes)
-    support = cm.sum(axis=1)
-    with np.errstate(invalid="ignore", divide="ignore"):
-        return np.where(support > 0, np.diag(cm) / support, np.nan)
+    from sklearn.metrics import recall_score
+
+    t, p, c = _class_inputs(y_true, y_pred, num_classes)
+    # NaN, not 0, for a class without support: it has no recall, and UA must leave it out.
+    return recall_score(t, p, labels=np.arange(c), average=None, zero_division=np.nan)
 
 
 def accuracy(y_true: Any, y_pred: Any) -> float:
     """Weighted accuracy (WA): the fraction of correct predictions."""
+    from sklearn.metrics import accuracy_score
+
     t, p, _ = _class_inputs(y_true, y_pred)
-    return float(np.mean(t == p))
+    return float(accuracy_score(t, p))
 
 
 def unweighted_accuracy(y_true: Any, y_pred: Any, num_classes: int | None = None) -> float:
     """Unweighted accuracy (UA): mean recall over the classes present in y_true
     (= scikit-learn's balanced_accuracy_score), so a majority class cannot carry it."""
+    # nanmean over all C classes, not balanced_accuracy_score or recall_score(average="macro"): those
+    # sum only the present classes, in another order, and with 8 or more classes and one absent land
+    # 1 ulp away; this order is the one every reported UA was computed in.
     return float(np.nanmean(per_class_recall(y_true, y_pred, num_classes)))
-
-
-def _f1_per_class(y_true: Any, y_pred: Any) -> tuple[np.ndarray, np.ndarray]:
-    """-> (F1 [K], support [K]) over the classes present in y_true or y_pred."""
-    cm = confusion_matrix(y_true, y_pred)
-    tp = np.diag(cm).astype(np.float64)
-    support, predicted = cm.sum(axis=1), cm.sum(axis=0)
-    present = (support + predicted) > 0
-    f1 = 2 * tp / (support + predicted).clip(min=1)  # 2TP / (2TP + FP + FN)
-    return f1[present], support[present]
 
 
 def f1_macro(y_true: Any, y_pred: Any) -> float:
     """Unweighted mean of per-class F1 over classes in y_true or y_pred (sklearn average='macro')."""
-    f1, _ = _f1_per_class(y_true, y_pred)
-    return float(f1.mean())
+    from sklearn.metrics import f1_score
+
+    t, p, _ = _class_inputs(y_true, y_pred)
+    return float(f1_score(t, p, average="macro"))
 
 
 def f1_weighted(y_true: Any, y_pred: Any) -> float:
     """Per-class F1 averaged with weights = true support (sklearn average='weighted'; MELD's metric)."""
-    f1, support = _f1_per_class(y_true, y_pred)
-    return float((f1 * support).sum() / support.sum())
+    from sklearn.metrics import f1_score
+
+    t, p, _ = _class_inputs(y_true, y_pred)
+    return float(f1_score(t, p, average="weighted"))
 
 
 def ccc(x: Any, y: Any) -> float:
@@ -423,6 +435,7 @@ def classification_report(y_true: Any, y_pred: Any, class_names: Sequence[str]) 
 
 
 # ----------------------------------------------------------------------------- comparing two systems
+# Written out: scipy.stats.bootstrap resamples single samples, not whole speakers (clusters).
 
 
 @dataclass(frozen=True)

@@ -22,7 +22,6 @@ from avssl.finetune.evaluate import evaluate, headline, pool_scores, read_scores
 from avssl.finetune.recipe import FinetuneRecipe
 from avssl.io import atomic_write_text, write_json
 
-REPO_CONFIGS = Path(__file__).resolve().parent.parent / "configs" / "finetune"
 TASKS = ("speaker", "emotion", "spoof")
 # Bootstrap resamples behind each clear-margin verdict (about 1 s per row on the demo's test split).
 RESAMPLES = 1000
@@ -89,13 +88,26 @@ def recipe_tag(recipe: FinetuneRecipe) -> str:
     return hashlib.sha256(json.dumps(tree, sort_keys=True).encode()).hexdigest()[:6]
 
 
+def packaged_recipes() -> Path:
+    """The finetuning recipes shipped with avssl (configs/finetune of the source tree, `avssl/configs/finetune`
+    of an installed wheel)."""
+    from importlib.resources import files
+
+    return Path(str(files("avssl.configs") / "finetune"))
+
+
 def prove(pretrained: Path, corpus: Path, out: Path, steps: int, storage: Path, tasks: tuple[str, ...] = TASKS,
-          overrides: list[str] | None = None, seeds: tuple[int, ...] = (0,)) -> dict[str, Any]:
-    """The table. With several `seeds`, each task's head is trained once per seed (trainer.seed)
+          overrides: list[str] | None = None, seeds: tuple[int, ...] = (0,), recipes: Path | None = None) -> dict[str, Any]:
+    """The table. Each task's head is trained with `recipes/<task>.yaml` (default: the packaged recipes). With several `seeds`, each task's head is trained once per seed (trainer.seed)
     from each backbone, and every clip's (or trial's) scores are averaged over the seeds before the
     verdict (evaluate.pool_scores): the bootstrap then measures the test speakers' spread, not one
     head initialization's luck. Each seed's own gain is kept in the table (`seed_gains`)."""
     from avssl.finetune.runner import run_finetuning
+
+    recipes = recipes or packaged_recipes()
+    for task in tasks:
+        if not (recipes / f"{task}.yaml").is_file():
+            raise AvsslError(f"{recipes / f'{task}.yaml'}: no finetuning recipe for {task}; pass --recipes DIR holding {task}.yaml")
 
     pretrained, corpus, out = Path(pretrained).resolve(), Path(corpus).resolve(), Path(out)
     seeds = tuple(dict.fromkeys(int(s) for s in seeds))
@@ -120,7 +132,7 @@ def prove(pretrained: Path, corpus: Path, out: Path, steps: int, storage: Path, 
             per_seed: dict[str, list[dict[str, Any]]] = {}
             for seed in seeds:
                 seed_set = [f"trainer.seed={seed}"] if len(seeds) > 1 else []
-                recipe = load_config(FinetuneRecipe, REPO_CONFIGS / f"{task}.yaml", [
+                recipe = load_config(FinetuneRecipe, recipes / f"{task}.yaml", [
                     f"data.corpus={corpus}", f"trainer.storage_path={storage}", f"trainer.total_steps={steps}",
                     f"trainer.checkpoint_every={steps}", f"init.source={release}", f"mlflow.experiment=avssl-proof",
                     *(overrides or []), *seed_set,

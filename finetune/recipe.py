@@ -10,7 +10,7 @@ from typing import Any
 
 from pydantic import Field, model_validator
 
-from avssl.cluster.config import DeepSpeedConfig, MlflowConfig, OptimConfig, TrainerConfig
+from avssl.cluster.config import DeepSpeedConfig, MlflowConfig, OptimConfig, TrainerConfig, model_inputs_from_data
 from avssl.config import Section
 from avssl.data.features import FeatureConfig
 from avssl.data.loader import DataConfig
@@ -65,6 +65,11 @@ class FinetuneRecipe(Section):
                 and isinstance(labels, dict) and isinstance(labels.get("names"), list)):
             data = {**data, "head": {**head, "num_classes": len(labels["names"])}}
         return data
+
+    @model_validator(mode="before")
+    @classmethod
+    def _model_inputs_from_data(cls, raw: Any) -> Any:
+        return model_inputs_from_data(raw)
 
     @model_validator(mode="after")
     def _inputs_match_model(self) -> "FinetuneRecipe":

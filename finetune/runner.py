@@ -163,7 +163,8 @@ def export_finetuned(checkpoint: Path, out: Path, recipe: FinetuneRecipe, labels
     """Backbone (HF format) + head (safetensors) + labels + feature settings, written atomically."""
     from safetensors.torch import save_file
 
-    from avssl.cluster.export import atomic_directory, feature_settings, load_consolidated, model_card
+    from avssl.cluster.export import (atomic_directory, feature_settings, load_consolidated, model_card, release_arch,
+                                      release_facts, write_mlmodel)
 
     model = load_consolidated(build_task_model(recipe, labels, init_dir), checkpoint)
     with atomic_directory(Path(out)) as tmp:
@@ -177,6 +178,10 @@ def export_finetuned(checkpoint: Path, out: Path, recipe: FinetuneRecipe, labels
         (tmp / FEATURES_FILE).write_text(json.dumps(feature_settings(recipe), indent=2))
         purpose = f"The shared audio-visual ViT backbone finetuned for {recipe.head.task} with a {recipe.head.fusion}-fusion head."
         (tmp / "README.md").write_text(model_card(recipe, checkpoint, metrics or {}, purpose))
+        facts = release_facts(recipe, sum(p.numel() for p in model.parameters()), checkpoint, metrics or {},
+                              [f"{recipe.head.task} head ({recipe.head.fusion} fusion)"],
+                              arch=release_arch(Path(init_dir), model.backbone.config) if init_dir else None)
+        write_mlmodel(tmp, model.backbone.config, facts)
     return Path(out)
 
 
@@ -241,7 +246,7 @@ def run_finetuning(recipe: FinetuneRecipe, address: str | None = None):
             init_dir = resolve_init(recipe.init.source, run_dir / "avssl" / "init")
             check_release_fits(init_dir, recipe)
         state["init_dir"] = str(init_dir) if init_dir else None
-        return {"labels": labels, "init_dir": state["init_dir"]}
+        return {"workload": "avssl.finetune.runner:FinetuneWorkload", "labels": labels, "init_dir": state["init_dir"]}
 
     def export(checkpoint: Path, out: Path, metrics: dict[str, Any]) -> Path:
         return export_finetuned(checkpoint, out, recipe, labels, state["init_dir"], metrics)

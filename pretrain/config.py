@@ -38,17 +38,18 @@ class ModelConfig(Section):
     attn_implementation: Literal["eager", "sdpa", "triton"] = Field(
         "sdpa", description="attention kernel: eager (reference), sdpa (PyTorch) or triton (avssl.kernels, falls back to sdpa without Triton)"
     )
-    audio_num_mel_bins: PositiveInt = Field(128, description="fbank bins per frame; equals features.num_mel_bins")
+    audio_num_mel_bins: PositiveInt = Field(128, description="fbank bins per frame; in a recipe: features.num_mel_bins unless set")
     audio_num_frames: PositiveInt = Field(
         200,
-        description="fbank frames the positional embedding is stored for (10 ms shift: 200 = 2 s); other lengths "
-        "are padded to the patch grid with positions recomputed or interpolated",
+        description="fbank frames the positional embedding is stored for (10 ms shift, 25 ms window: 198 frames = 2 s); other lengths "
+        "are padded to the patch grid with positions recomputed or interpolated; in a recipe: the frames of "
+        "data.clip_seconds unless set",
     )
     audio_patch_size: PositiveInt = Field(16, description="side of an audio patch, in bins and frames")
     audio_freq_stride: PositiveInt = Field(16, description="patch stride along frequency; below the patch size patches overlap (AST: 10)")
     audio_time_stride: PositiveInt = Field(16, description="patch stride along time; below the patch size patches overlap")
-    video_image_size: PositiveInt = Field(224, description="side of the face frames in pixels; equals features.image_size")
-    video_num_frames: PositiveInt = Field(1, description="face frames per clip; equals features.num_frames")
+    video_image_size: PositiveInt = Field(224, description="side of the face frames in pixels; in a recipe: features.image_size unless set")
+    video_num_frames: PositiveInt = Field(1, description="face frames per clip; in a recipe: features.num_frames unless set")
     video_patch_size: PositiveInt = Field(16, description="side of an RGB patch in pixels")
     separate_modality_norms: bool = Field(True, description="one LayerNorm per modality in every block and at the end (AVSiam); false: shared")
     pos_embed_type: Literal["sincos", "learned"] = Field(
@@ -150,6 +151,13 @@ class MaskingConfig(Section):
         default_factory=lambda: [2, 2], min_length=2, max_length=2,
         description="block of the audio tf_block mode, in patches: (frequency, time)",
     )
+    # With several contrastive ratios the samples keep different numbers of tokens; one padded batch
+    # spends about a third of the view's encoder work on padding (ratios 0-0.8: 40 % of the slots).
+    pack_contrastive: bool = Field(
+        True,
+        description="encode the contrastive view one masking ratio at a time, each sub-batch at its own length "
+        "(no padding tokens); false: one batch padded to the longest (the reference, same losses up to rounding)",
+    )
 
     @model_validator(mode="after")
     def _reconstruction_masks_something(self) -> MaskingConfig:
@@ -218,12 +226,10 @@ class LossConfig(Section):
         return self
 
 
-def avvit_config_from_sections(model: ModelConfig, masking: MaskingConfig | None = None, loss: LossConfig | None = None):
-    """The `AVViTConfig` that `model` describes, carrying the masking and loss sections."""
+def avvit_config_from_sections(model: ModelConfig):
+    """The `AVViTConfig` that `model` describes (architecture only)."""
     from .registry import avvit_config
 
-    masking = masking or MaskingConfig()
-    loss = loss or LossConfig()
     overrides = {
         "audio_num_mel_bins": model.audio_num_mel_bins,
         "audio_num_frames": model.audio_num_frames,
@@ -239,8 +245,6 @@ def avvit_config_from_sections(model: ModelConfig, masking: MaskingConfig | None
         "hidden_dropout_prob": model.hidden_dropout,
         "attention_probs_dropout_prob": model.attention_dropout,
         "drop_path_rate": model.drop_path_rate,
-        "pretraining_masking": masking.model_dump(mode="json"),
-        "pretraining_loss": loss.model_dump(mode="json"),
         "attn_implementation": model.attn_implementation,
     }
     if model.decoder_hidden_size is not None:
@@ -264,7 +268,7 @@ def build_model(model: ModelConfig, masking: MaskingConfig | None = None, loss: 
 
     masking = masking or MaskingConfig()
     loss = loss or LossConfig()
-    config = avvit_config_from_sections(model, masking, loss)
+    config = avvit_config_from_sections(model)
     for modality, length, ratios in (
         ("audio", config.num_audio_patches(), masking.reconstruction.audio_ratios),
         ("video", config.num_video_patches(), masking.reconstruction.video_ratios),
@@ -276,7 +280,7 @@ def build_model(model: ModelConfig, masking: MaskingConfig | None = None, loss: 
                     "raise the ratio or the input size"
                 )
     ensure_attention_implementation(model.attn_implementation)
-    net = AVViTForPretraining(config)
+    net = AVViTForPretraining(config, masking, loss)
     if model.init_from is not None:
         load_vit_weights(net.avvit, model.init_from)
     if model.gradient_checkpointing:

@@ -1,9 +1,9 @@
 """`AVViTConfig`: the Hugging Face configuration of the shared audio-visual ViT (model_type "avvit").
 
 It describes the architecture only (widths, depths, patch geometry, the default input sizes the
-positional embeddings are stored for) plus, for `AVViTForPretraining`, the validated masking and
-loss sections (`pretraining_masking`, `pretraining_loss`: dumps of `avssl.pretrain.config.MaskingConfig`
-and `LossConfig`) so that a saved pretraining checkpoint rebuilds its objective with `from_pretrained`.
+positional embeddings are stored for). The pretraining objective's masking and loss sections belong to
+the run's recipe and are passed to `AVViTForPretraining` apart, so a release's `config.json` holds
+none of them.
 
 Input geometry (all sizes in patches unless stated):
 - audio: fbank `[B, T, F]` is read as a one-channel image `[B, 1, F, T]` (height = mel bins, width =
@@ -19,7 +19,6 @@ Input geometry (all sizes in patches unless stated):
 from __future__ import annotations
 
 import math
-from typing import Any
 
 from transformers import PretrainedConfig
 
@@ -48,7 +47,6 @@ class AVViTConfig(PretrainedConfig):
             gives overlapping patches, as AST).
         video_image_size, video_num_frames, video_patch_size: face frames.
         decoder_*: the light masked-data-modeling decoder of `AVViTForPretraining` (CAV-MAE: 512 x 8).
-        pretraining_masking, pretraining_loss: dumps of `MaskingConfig` / `LossConfig` (None = defaults).
     """
 
     model_type = "avvit"
@@ -82,9 +80,6 @@ class AVViTConfig(PretrainedConfig):
     decoder_num_hidden_layers: int = 8
     decoder_num_attention_heads: int = 16
     decoder_intermediate_size: int = 2048
-
-    pretraining_masking: dict[str, Any] | None = None
-    pretraining_loss: dict[str, Any] | None = None
 
     def __post_init__(self, **kwargs):
         self._check()

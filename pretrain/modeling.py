@@ -1,7 +1,8 @@
 """AVViT: one Vision Transformer shared by audio and video (SSAVSV, after AVSiam / CAV-MAE).
 
-Architecture only (no engine, no distributed code: the contrastive loss it calls gathers across ranks
-by itself when torch.distributed is initialized, see losses.py).
+Architecture only: no engine and no distributed code. The pretraining objective (masking, views,
+losses, projection heads) is `objective.PretrainingObjective`; `AVViTForPretraining` holds it beside
+the encoder and decoder and hands it the process group its caller passes.
 
 - Audio: fbank `[B, T, F]` -> one-channel image `[B, 1, F, T_pad]` -> `p x p` patches (own patch
   embedding) -> `[B, La, D]`, frequency-major. Video: `[B, V, 3, H, W]` -> RGB patches per frame (own
@@ -18,9 +19,10 @@ by itself when torch.distributed is initialized, see losses.py).
 - Attention goes through transformers' registry: `config._attn_implementation` picks "eager" (the
   reference below), "sdpa", or any registered name ("triton" is registered on demand by
   `avssl.kernels.hf_attention.register_attention`).
-- `AVViTForPretraining` = encoder + light decoder; one `forward` runs the contrastive view (each
-  modality encoded alone, lightly masked) and the reconstruction view (both modalities jointly,
-  heavily masked; decoder with mask tokens; loss on masked patches).
+- `AVViTForPretraining` = encoder + light decoder + the objective, whose `forward` runs the
+  contrastive view (each modality encoded alone, lightly masked), the segment view and the
+  reconstruction view (both modalities jointly, heavily masked; decoder with mask tokens; loss on
+  masked patches).
 """
 
 from __future__ import annotations
@@ -41,8 +43,9 @@ from transformers.utils import ModelOutput
 
 from .config import LossConfig, MaskingConfig
 from .configuration import AVViTConfig
-from .losses import contrastive_loss, masked_patch_loss
-from .masking import ModalityMask, audio_halves, mask_audio, mask_video, video_halves
+from .masking import ModalityMask
+from .inputs import AVInputs
+from .objective import AVViTForPretrainingOutput, ContrastiveProjection, PretrainingObjective
 
 # Modality segments of a sequence, in order: (("audio", La), ("video", Lv)).
 Segments = tuple[tuple[str, int], ...]
@@ -484,8 +487,8 @@ class AVViTPreTrainedModel(PreTrainedModel):
         elif isinstance(module, ContrastiveProjection):
             init.ones_(module.norm_weight)
             init.zeros_(module.norm_bias)
-        elif isinstance(module, AVViTForPretraining) and module.objective.learn_temperature:
-            init.constant_(module.logit_scale, math.log(1.0 / module.objective.temperature))
+        elif isinstance(module, PretrainingObjective) and module.loss.learn_temperature:
+            init.constant_(module.logit_scale, math.log(1.0 / module.loss.temperature))
 
 
 class AVViTModel(AVViTPreTrainedModel):
@@ -542,6 +545,18 @@ class AVViTModel(AVViTPreTrainedModel):
             audio_mask=audio_mask,
             video_mask=video_mask,
             output_hidden_states=output_hidden_states,
+            output_layers=output_layers,
+        )
+
+    def forward_features(self, inputs: AVInputs, output_layers: Sequence[int] | None = None) -> AVViTModelOutput:
+        """The encoder on one `AVInputs` batch (timm's features API): the joint sequence of the
+        modalities the batch holds, each sample attending to its own present ones; the outputs of
+        `output_layers` in `intermediate_hidden_states`."""
+        return self(
+            audio=inputs.audio,
+            video=inputs.video,
+            has_audio=inputs.has_audio if inputs.audio is not None else None,
+            has_video=inputs.has_video if inputs.video is not None else None,
             output_layers=output_layers,
         )
 
@@ -750,110 +765,24 @@ class AVViTDecoder(nn.Module):
         return pred_audio, pred_video
 
 
-def masked_batch_norm(x: torch.Tensor, valid: torch.Tensor, eps: float = 1e-5) -> torch.Tensor:
-    """[B, C] -> [B, C] standardized per channel with the mean and (biased) variance of the valid
-    rows [B] bool; every row is mapped, invalid ones with those statistics. Fewer than two valid
-    rows leave x as it is (chosen on the device: no host sync in the training step). No running
-    statistics: it serves a training-only head."""
-    w = valid.to(x.dtype)[:, None]  # (B, 1)
-    n = w.sum().clamp(min=1.0)
-    mean = (x * w).sum(dim=0) / n  # (C,)
-    var = ((x - mean).pow(2) * w).sum(dim=0) / n  # (C,)
-    return torch.where(n >= 2, (x - mean) * torch.rsqrt(var + eps), x)
-
-
-class ContrastiveProjection(nn.Module):
-    """Projection head of the contrastive view (SimCLR, MoCo v3): pooled [B, D] -> [B, P].
-
-    Linear -> batch norm -> GELU -> Linear -> batch norm without affine. Batch statistics come from
-    the rows that hold the modality, on each rank (the negatives' rows on other ranks are normalized
-    by their own rank). Pretraining only: a release keeps the backbone, not this head."""
-
-    def __init__(self, dim: int, proj_dim: int):
-        super().__init__()
-        self.fc1 = nn.Linear(dim, dim)
-        self.norm_weight = nn.Parameter(torch.ones(dim))
-        self.norm_bias = nn.Parameter(torch.zeros(dim))
-        self.fc2 = nn.Linear(dim, proj_dim)
-
-    def forward(self, x: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
-        h = masked_batch_norm(self.fc1(x), valid) * self.norm_weight + self.norm_bias  # (B, D)
-        return masked_batch_norm(self.fc2(F.gelu(h)), valid)  # (B, P)
-
-
-@dataclass
-class AVViTForPretrainingOutput(ModelOutput):
-    """All scalars are 0-d tensors (no host sync); reduce/log them on log steps only.
-
-    loss: w_rec * loss_reconstruction + w_con * loss_contrastive (what to backpropagate).
-    loss_reconstruction: w_a * loss_rec_audio + w_v * loss_rec_video.
-    loss_rec_audio, loss_rec_video: MSE on masked patches of samples having the modality.
-    loss_contrastive: symmetric InfoNCE (per-rank scaled: its mean over ranks is the global mean).
-    contrastive_accuracy: global top-1 audio<->video retrieval accuracy of the batch.
-    loss_segment: segment contrast (first vs second half of each clip), mean over the modalities run.
-    segment_accuracy: its global top-1 half<->half retrieval accuracy, mean over those modalities.
-    temperature: 1 / logit scale in use. n_pairs: global number of audio-visual pairs.
-    audio_embeds, video_embeds: [B, D] pooled embeddings of the contrastive view (None if skipped).
-    pred_audio, pred_video: [B, L, P] reconstructions; audio_mask, video_mask: [B, L] bool, True =
-    masked in the reconstruction view.
-    """
-
-    loss: torch.Tensor | None = None
-    loss_reconstruction: torch.Tensor | None = None
-    loss_rec_audio: torch.Tensor | None = None
-    loss_rec_video: torch.Tensor | None = None
-    loss_contrastive: torch.Tensor | None = None
-    contrastive_accuracy: torch.Tensor | None = None
-    loss_segment: torch.Tensor | None = None
-    segment_accuracy: torch.Tensor | None = None
-    temperature: torch.Tensor | None = None
-    n_pairs: torch.Tensor | None = None
-    audio_embeds: torch.Tensor | None = None
-    video_embeds: torch.Tensor | None = None
-    pred_audio: torch.Tensor | None = None
-    pred_video: torch.Tensor | None = None
-    audio_mask: torch.Tensor | None = None
-    video_mask: torch.Tensor | None = None
-
-
 class AVViTForPretraining(AVViTPreTrainedModel):
-    """Encoder + decoder + objectives (masking and loss sections come from the config).
+    """Encoder + reconstruction decoder, with the pretraining objective that runs on them.
 
     forward(audio, video, has_audio, has_video, process_group=None) -> AVViTForPretrainingOutput
       audio: [B, T, F]; video: [B, V, 3, H, W]; has_*: [B] bool (absent modalities zero-filled).
-      Pass None for a modality only when the whole run has none of it.
+      Pass None for a modality only when the whole run has none of it. `process_group`: the
+      data-parallel group the contrastive losses gather across (None: one process).
+
+    The masking and loss sections are constructor arguments, not part of the `AVViTConfig`: they
+    describe the training run (its recipe holds them), and a release carries the encoder only.
     """
 
-    def __init__(self, config: AVViTConfig):
+    def __init__(self, config: AVViTConfig, masking: MaskingConfig | None = None, loss: LossConfig | None = None):
         super().__init__(config)
-        self.masking = MaskingConfig.model_validate(config.pretraining_masking or {})
-        self.objective = LossConfig.model_validate(config.pretraining_loss or {})
         self.avvit = AVViTModel(config)
         self.decoder = AVViTDecoder(config)
-        if self.objective.projection == "mlp":
-            dim, proj = config.hidden_size, self.objective.projection_dim
-            self.audio_projection = ContrastiveProjection(dim, proj)
-            self.video_projection = ContrastiveProjection(dim, proj)
-            if self.objective.segment_weight > 0:
-                self.audio_segment_projection = ContrastiveProjection(dim, proj)
-                self.video_segment_projection = ContrastiveProjection(dim, proj)
-        if self.objective.learn_temperature:
-            # log(1 / temperature), as CLIP; clamped at max_logit_scale when used.
-            self.logit_scale = nn.Parameter(torch.zeros(()))
+        self.objective = PretrainingObjective(config.hidden_size, masking, loss)
         self.post_init()
-
-    def contrastive_logit_scale(self) -> torch.Tensor | float:
-        """1 / temperature: a clamped learned scalar, or the fixed value."""
-        if self.objective.learn_temperature:
-            return self.logit_scale.exp().clamp(max=self.objective.max_logit_scale)
-        return 1.0 / self.objective.temperature
-
-    def _patch_mean(self, out: AVViTModelOutput, name: str) -> torch.Tensor:
-        """[B, D] mean of a modality's real patch outputs, never its CLS token (`AVViTModel.patch_mean`):
-        with `use_cls_token` the CLS output is the pooled embedding (the AV contrast's, the release's)
-        and the segment contrast shapes the patch tokens, so that the clip cues it learns do not crowd
-        identity out of it."""
-        return self.avvit.patch_mean(out, name)
 
     def forward(
         self,
@@ -863,119 +792,20 @@ class AVViTForPretraining(AVViTPreTrainedModel):
         has_video: torch.Tensor | None = None,
         process_group=None,
     ) -> AVViTForPretrainingOutput:
-        if audio is None and video is None:
-            raise ValueError("AVViTForPretraining needs audio, video or both")
-        ref = audio if audio is not None else video
-        batch, device = ref.shape[0], ref.device
-        has_audio = _presence(has_audio, audio, batch, device)  # (B,) bool
-        has_video = _presence(has_video, video, batch, device)  # (B,) bool
-        emb = self.avvit.embeddings
-        audio_tokens = emb.embed_audio(audio) if audio is not None else None  # (B, La, D)
-        video_tokens = emb.embed_video(video) if video is not None else None  # (B, Lv, D)
-        audio_grid = emb.audio_grid(audio) if audio is not None else None
-        video_grid = emb.video_grid(video) if video is not None else None
-        anchor = audio_tokens if audio_tokens is not None else video_tokens
-        zero = anchor.new_zeros((), dtype=torch.float32)
-        masking, objective = self.masking, self.objective
-        out = AVViTForPretrainingOutput()
+        inputs = AVInputs.of(audio, video, has_audio, has_video)
+        return self.objective(self.avvit, self.decoder, inputs, process_group)
 
-        # Contrastive view: each modality encoded alone (joint attention would let one side read the
-        # other and trivialize the pairing), lightly masked, mean-pooled.
-        loss_con, accuracy, n_pairs = zero, zero, zero
-        if objective.contrastive_weight > 0 and audio is not None and video is not None:
-            view = masking.contrastive
-            a_mask = mask_audio(
-                batch, audio_grid, view.audio_ratios, view.audio_mode, masking.audio_block_size, device=device
-            )
-            v_mask = mask_video(batch, video_grid, view.video_ratios, view.video_mode, device=device)
-            # Rows lacking the modality are encoded anyway (fixed shapes) and left out of the pairs.
-            out.audio_embeds = self.avvit.forward_tokens(audio_tokens=audio_tokens, audio_mask=a_mask).audio_embeds
-            out.video_embeds = self.avvit.forward_tokens(video_tokens=video_tokens, video_mask=v_mask).video_embeds
-            pairs = has_audio & has_video  # (B,)
-            a_con, v_con = out.audio_embeds, out.video_embeds
-            if objective.projection == "mlp":
-                a_con, v_con = self.audio_projection(a_con, pairs), self.video_projection(v_con, pairs)  # (B, P)
-            con = contrastive_loss(a_con, v_con, pairs, self.contrastive_logit_scale(), process_group,
-                                   objective.hard_negative_beta)
-            loss_con, accuracy, n_pairs = con.loss, con.accuracy, con.n_pairs
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        # Checkpoints written before the objective was its own module hold its parameters at the
+        # top level ("audio_projection.*", "logit_scale"): read them under "objective.".
+        for key in [k for k in state_dict if k.startswith(prefix)]:
+            rest = key[len(prefix):]
+            if rest == "logit_scale" or rest.split(".", 1)[0] in _OBJECTIVE_HEADS:
+                state_dict[f"{prefix}objective.{rest}"] = state_dict.pop(key)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
-        # Segment view: each modality alone, its first and second half in time as two samples of one
-        # pass (2B rows), pooled; each half must find its other half among the batch's halves.
-        loss_seg, seg_accuracy = zero, zero
-        if objective.segment_weight > 0:
-            parts = []
-            if audio is not None:
-                mask = audio_halves(batch, audio_grid, device=device)
-                halves = self.avvit.forward_tokens(audio_tokens=audio_tokens.repeat(2, 1, 1), audio_mask=mask)
-                parts.append((self._patch_mean(halves, "audio"), has_audio, "audio"))  # (2B, D)
-            if video is not None:
-                mask = video_halves(batch, video_grid, device=device)
-                halves = self.avvit.forward_tokens(video_tokens=video_tokens.repeat(2, 1, 1), video_mask=mask)
-                parts.append((self._patch_mean(halves, "video"), has_video, "video"))
-            for pooled, present, name in parts:
-                if objective.projection == "mlp":
-                    pooled = getattr(self, f"{name}_segment_projection")(pooled, present.repeat(2))
-                first, second = pooled[:batch], pooled[batch:]  # (B, P) each
-                seg = contrastive_loss(first, second, present, 1.0 / objective.segment_temperature, process_group,
-                                       objective.hard_negative_beta)
-                loss_seg = loss_seg + seg.loss / len(parts)
-                seg_accuracy = seg_accuracy + seg.accuracy / len(parts)
 
-        # Reconstruction view: both modalities in one sequence, heavily masked, decoder on all positions.
-        loss_rec_audio, loss_rec_video = zero, zero
-        if objective.reconstruction_weight > 0:
-            view = masking.reconstruction
-            a_mask = v_mask = None
-            if audio is not None:
-                a_mask = mask_audio(
-                    batch, audio_grid, view.audio_ratios, view.audio_mode, masking.audio_block_size, device=device
-                )
-            if video is not None:
-                v_mask = mask_video(batch, video_grid, view.video_ratios, view.video_mode, device=device)
-            enc = self.avvit.forward_tokens(
-                audio_tokens=audio_tokens,
-                video_tokens=video_tokens,
-                has_audio=has_audio if audio is not None else None,
-                has_video=has_video if video is not None else None,
-                audio_mask=a_mask,
-                video_mask=v_mask,
-            )
-            skip = 1 if self.config.use_cls_token else 0  # the decoder sees patch latents only
-            pred_audio, pred_video = self.decoder(
-                audio_latent=enc.audio_last_hidden_state[:, skip:] if audio is not None else None,
-                audio_mask=a_mask,
-                audio_grid=audio_grid,
-                video_latent=enc.video_last_hidden_state[:, skip:] if video is not None else None,
-                video_mask=v_mask,
-                video_grid=video_grid,
-                has_audio=has_audio,
-                has_video=has_video,
-            )
-            if audio is not None:
-                loss_rec_audio = masked_patch_loss(
-                    pred_audio, emb.patchify_audio(audio), a_mask.mask & has_audio[:, None], objective.audio_norm_pix_loss
-                )
-                out.pred_audio, out.audio_mask = pred_audio, a_mask.mask
-            if video is not None:
-                loss_rec_video = masked_patch_loss(
-                    pred_video, emb.patchify_video(video), v_mask.mask & has_video[:, None], objective.norm_pix_loss
-                )
-                out.pred_video, out.video_mask = pred_video, v_mask.mask
-
-        loss_rec = objective.audio_reconstruction_weight * loss_rec_audio + objective.video_reconstruction_weight * loss_rec_video
-        out.loss = (objective.reconstruction_weight * loss_rec + objective.contrastive_weight * loss_con
-                    + objective.segment_weight * loss_seg)
-        out.loss_reconstruction = loss_rec
-        out.loss_rec_audio = loss_rec_audio
-        out.loss_rec_video = loss_rec_video
-        out.loss_contrastive = loss_con
-        out.contrastive_accuracy = accuracy
-        out.loss_segment = loss_seg
-        out.segment_accuracy = seg_accuracy
-        out.n_pairs = n_pairs
-        scale = self.contrastive_logit_scale()
-        out.temperature = (1.0 / scale).detach() if torch.is_tensor(scale) else zero + 1.0 / scale
-        return out
+_OBJECTIVE_HEADS = ("audio_projection", "video_projection", "audio_segment_projection", "video_segment_projection")
 
 
 def masked_mean(tokens: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
@@ -984,16 +814,8 @@ def masked_mean(tokens: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
     return (tokens * weight).sum(dim=1) / weight.sum(dim=1).clamp(min=1.0)
 
 
-def _presence(flags: torch.Tensor | None, inputs: torch.Tensor | None, batch: int, device) -> torch.Tensor:
-    """[B] bool presence: given flags, all True when the input is given without flags, all False without input."""
-    if inputs is None:
-        return torch.zeros(batch, dtype=torch.bool, device=device)
-    if flags is None:
-        return torch.ones(batch, dtype=torch.bool, device=device)
-    return flags.to(device=device, dtype=torch.bool)
-
-
 __all__ = [
+    "AVInputs",
     "AVViTDecoder",
     "AVViTEmbeddings",
     "AVViTForPretraining",
@@ -1007,7 +829,7 @@ __all__ = [
     "eager_attention_forward",
     "ensure_attention_implementation",
     "key_padding_mask",
-    "masked_batch_norm",
+    "PretrainingObjective",
     "masked_mean",
     "resize_position_embedding",
     "sincos_position_embedding",

@@ -20,8 +20,7 @@ pytestmark = pytest.mark.slow
 # configs/finetune/*.yaml are written for the demo corpus; these make them fit the tiny one.
 TINY = [
     "data.clip_seconds=1.0", "data.batch_size=4", "features.num_mel_bins=64", "features.image_size=32",
-    "features.num_frames=2", "model.audio_num_mel_bins=64", "model.audio_num_frames=98", "model.video_image_size=32",
-    "model.video_num_frames=2", "trainer.total_steps=8", "trainer.log_every=4", "trainer.checkpoint_every=8",
+    "features.num_frames=2", "trainer.total_steps=8", "trainer.log_every=4", "trainer.checkpoint_every=8",
 ]
 
 

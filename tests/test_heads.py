@@ -494,7 +494,7 @@ def test_segment_consistency_compares_the_clips_ends_each_encoded_alone(cls_back
         branch = "shared" if fusion == "joint" else "audio"
         assert model.heads[branch].classifier.in_features == model.pools[branch].out_dim + dim + 1
         with torch.no_grad():
-            results = model._compute(audio, video, has_audio, has_video, ("av", "a", "v"))
+            results = model._compute(model._inputs(audio, video, has_audio, has_video), ("av", "a", "v"))
         # (Late fusion's "av" features are the mean of its heads' inputs, not one head's input.)
         for mode in ("av", "a") if fusion == "joint" else ("a",):
             assert torch.allclose(results[mode].features[:, -(dim + 1):], expected, atol=1e-5), (fusion, mode)
@@ -503,7 +503,7 @@ def test_segment_consistency_compares_the_clips_ends_each_encoded_alone(cls_back
         middle = audio.clone()
         middle[:, 2 * 16 : 5 * 16] = torch.randn(3, 48, MELS)
         with torch.no_grad():
-            moved = model._compute(middle, video, has_audio, has_video, ("a",))["a"].features
+            moved = model._compute(model._inputs(middle, video, has_audio, has_video), ("a",))["a"].features
         assert torch.allclose(moved[:2, -(dim + 1):], expected[:2], atol=1e-5)
         assert not torch.allclose(moved[:2, : -(dim + 1)], results["a"].features[:2, : -(dim + 1)], atol=1e-4)
     # Full finetuning trains the backbone through the end views too.

@@ -250,6 +250,75 @@ def test_classification_metrics_match_sklearn():
     np.testing.assert_array_equal(M.confusion_matrix(y_true, y_pred, 6), skm.confusion_matrix(y_true, y_pred, labels=range(6)))
 
 
+def _reference_classification(y_true, y_pred, num_classes=None) -> dict:
+    """The classification metrics written out in numpy (bincount confusion matrix, nanmean UA,
+    F1 = 2TP / (2TP + FP + FN) over the classes in y_true or y_pred): what the library calls must equal."""
+    t, p = np.asarray(y_true).astype(np.int64), np.asarray(y_pred).astype(np.int64)
+    c = num_classes or int(max(t.max(), p.max())) + 1
+    cm = np.bincount(t * c + p, minlength=c * c).reshape(c, c)
+    support, predicted, tp = cm.sum(axis=1), cm.sum(axis=0), np.diag(cm).astype(np.float64)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        recall = np.where(support > 0, np.diag(cm) / support, np.nan)
+    present = (support + predicted) > 0
+    f1 = (2 * tp / (support + predicted).clip(min=1))[present]
+    weights = support[present]
+    return {"cm": cm, "recall": recall, "wa": float(np.mean(t == p)), "ua": float(np.nanmean(recall)),
+            "f1_macro": float(f1.mean()), "f1_weighted": float((f1 * weights).sum() / weights.sum())}
+
+
+def _classification_cases():
+    rng = np.random.default_rng(7)
+    cases = [([0], [0], 1), ([0, 0], [1, 1], 3), ([2, 2, 2], [2, 0, 2], 4), ([1, 1], [1, 1], 2),
+             ([True, False, True], [True, True, False], 2), ([0] * 8 + [1] * 2, [0] * 10, 2),
+             ([0, 0, 1, 1, 2, 2, 2], [0, 1, 1, 1, 2, 0, 2], 4)]
+    for k in range(150):
+        c = int(rng.integers(1, 12))
+        t = rng.integers(0, c, int(rng.integers(1, 80)))
+        p = np.where(rng.random(t.size) < rng.random(), t, rng.integers(0, c, t.size))
+        if k % 3 == 0:
+            t[t == t[-1]] = t[0]  # a class missing from y_true (but maybe predicted)
+        cases.append((t, p, c + int(rng.integers(0, 3))))  # sometimes classes nobody uses
+    return cases
+
+
+def test_library_classification_metrics_equal_the_reference_bit_for_bit():
+    """157 cases (one class, bool labels, classes absent from y_true, up to 13 classes): confusion
+    matrix, per-class recall (NaN where no support), WA, UA and both F1s are exactly the reference's."""
+    for t, p, c in _classification_cases():
+        ref = _reference_classification(t, p, c)
+        cm = M.confusion_matrix(t, p, c)
+        assert cm.dtype == np.int64 and np.array_equal(cm, ref["cm"])
+        assert np.array_equal(M.per_class_recall(t, p, c), ref["recall"], equal_nan=True)
+        assert M.accuracy(t, p) == ref["wa"]
+        assert M.unweighted_accuracy(t, p, c) == ref["ua"]
+        free = _reference_classification(t, p)  # num_classes from the labels, as the F1s always do
+        assert M.unweighted_accuracy(t, p) == free["ua"]
+        assert M.f1_macro(t, p) == free["f1_macro"] and M.f1_weighted(t, p) == free["f1_weighted"]
+
+
+@pytest.mark.filterwarnings("ignore:y_pred contains classes not in y_true")
+def test_ua_keeps_its_summation_order_where_balanced_accuracy_moves_the_last_bit():
+    """Ten classes, 0 and 3 absent from y_true: UA keeps its exact value (balanced_accuracy_score and
+    recall_score's macro average sum only the present classes and land 1 ulp away)."""
+    y_true = [2, 1, 4, 7, 9, 9, 5, 2, 8, 1, 2, 6, 9, 1]
+    y_pred = [8, 7, 1, 1, 2, 5, 8, 0, 8, 1, 7, 6, 0, 6]
+    assert M.unweighted_accuracy(y_true, y_pred) == 0.29166666666666663
+    assert skm.balanced_accuracy_score(y_true, y_pred) == pytest.approx(0.29166666666666663, abs=1e-15)
+    assert M.f1_macro(y_true, y_pred) == 0.16666666666666663
+    assert M.f1_weighted(y_true, y_pred) == 0.15476190476190474
+    assert M.accuracy(y_true, y_pred) == 0.21428571428571427
+
+
+def test_one_class_confusion_matrix_is_silent():
+    """A 1 x 1 matrix asked for (one class) comes back without scikit-learn's shape warning."""
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        np.testing.assert_array_equal(M.confusion_matrix([0, 0], [0, 0]), [[2]])
+        assert M.classification_report([0, 0], [0, 0], ["only"])["unweighted_accuracy"] == 1.0
+
+
 def test_classification_report_names_and_json():
     """classification_report keys recall and support by class name, None for absent classes, and is JSON-ready."""
     names = ["ANG", "DIS", "FEA"]
@@ -347,6 +416,42 @@ def test_paired_bootstrap_skips_undefined_resamples_and_refuses_mostly_undefined
         M.paired_bootstrap(only_targets, clusters, resamples=400)
     with pytest.raises(ValueError, match="no samples"):
         M.paired_bootstrap(eer_gap, [], resamples=10)
+
+
+def test_plots_draw_our_operating_points_and_counts(tmp_path, monkeypatch):
+    """plot_binary's DET line is norm.ppf of det_curve's (clipped) rates, plot_confusion writes every
+    count in its cell; both save the files evaluate lists."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from scipy.stats import norm
+
+    from avssl.finetune.evaluate import plot_binary, plot_confusion
+
+    scores, labels = np.array(SCORES), np.array(LABELS)
+    raw = {"av": {"scores": scores, "labels": labels, "groups": np.where(labels == 1, "target", "nontarget")}}
+    drawn = []
+    real_savefig = plt.Figure.savefig
+
+    def keep_lines(fig, path, **kw):  # the figure is closed after saving: read its artists first
+        drawn.append((path.name, [line.get_xydata() for ax in fig.axes for line in ax.get_lines()],
+                      [t.get_text() for ax in fig.axes for t in ax.texts]))
+        return real_savefig(fig, path, **kw)
+
+    monkeypatch.setattr(plt.Figure, "savefig", keep_lines)
+    paths = plot_binary(raw, tmp_path, "test")
+    report = {"a": M.classification_report([0, 0, 1, 2], [0, 1, 1, 1], ["x", "y", "z"])}
+    paths += plot_confusion(report, ["x", "y", "z"], tmp_path)
+    assert [p.name for p in paths] == ["det_curve.png", "scores_av.png", "confusion_a.png"]
+    assert all(p.is_file() and p.stat().st_size > 0 for p in paths)
+    far, frr, _ = M.det_curve(scores, labels)
+    (name, lines, _), *_ = drawn
+    assert name == "det_curve.png" and len(lines) == 1
+    np.testing.assert_array_equal(lines[0], np.column_stack([norm.ppf(np.clip(far, 1e-4, 1 - 1e-4)),
+                                                             norm.ppf(np.clip(frr, 1e-4, 1 - 1e-4))]))
+    assert drawn[-1][0] == "confusion_a.png"
+    assert drawn[-1][2] == [str(v) for v in np.ravel(report["a"]["confusion_matrix"])]
 
 
 def test_summary_table_names_every_headline_metric_under_its_own_header():

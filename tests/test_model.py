@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 import sys
 import types
@@ -11,7 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from avssl.config import ConfigError, validate
-from avssl.pretrain import modeling, registry
+from avssl.pretrain import modeling, objective, registry
 from avssl.pretrain.configuration import AVViTConfig
 from avssl.pretrain.modeling import AVViTForPretraining, AVViTModel
 from avssl.pretrain.bench import bench_model, layer_flops, pretraining_flops
@@ -55,11 +56,10 @@ def batch(b: int = 4, frames: int = 48, mels: int = 32, v: int = 2, size: int = 
     return torch.randn(b, frames, mels, generator=g), torch.randn(b, v, 3, size, size, generator=g)
 
 
-def pretraining_config(masking: dict | None = None, loss: dict | None = None, **overrides) -> AVViTConfig:
-    return small_config(
-        pretraining_masking=MaskingConfig.model_validate(masking or {}).model_dump(mode="json"),
-        pretraining_loss=LossConfig.model_validate(loss or {}).model_dump(mode="json"),
-        **overrides,
+def pretraining_model(masking: dict | None = None, loss: dict | None = None, **overrides) -> AVViTForPretraining:
+    """The small model with the objective that the masking and loss sections describe."""
+    return AVViTForPretraining(
+        small_config(**overrides), MaskingConfig.model_validate(masking or {}), LossConfig.model_validate(loss or {})
     )
 
 
@@ -229,7 +229,7 @@ def test_gradients_from_each_modality_reach_shared_weights():
     """Audio-only and video-only reconstruction losses each give gradients on the shared attention and MLP."""
     for modality in ("audio", "video"):
         torch.manual_seed(0)
-        model = AVViTForPretraining(pretraining_config())
+        model = pretraining_model()
         audio, video = batch(2)
         out = model(**{modality: audio if modality == "audio" else video})
         out.loss.backward()
@@ -292,7 +292,7 @@ def test_variable_visible_counts_do_not_change_a_sample():
 def test_pretraining_without_pairs_keeps_every_parameter_in_the_graph():
     """A batch with no audio-visual pair trains reconstruction, gives contrastive 0 and still reaches every parameter
     (the learned temperature and the projection heads included)."""
-    model = AVViTForPretraining(pretraining_config(loss={"learn_temperature": True, "projection": "mlp"}))
+    model = pretraining_model(loss={"learn_temperature": True, "projection": "mlp"})
     audio, video = batch(3)
     has_audio = torch.tensor([True, True, False])
     has_video = torch.tensor([False, False, True])
@@ -315,25 +315,25 @@ def test_masked_batch_norm_uses_only_valid_rows():
     valid = torch.tensor([True, True, False, True, True, False])
     x_outlier = x.clone()
     x_outlier[2] = 1e6
-    y = modeling.masked_batch_norm(x, valid)
+    y = objective.masked_batch_norm(x, valid)
     ref = F.batch_norm(x[valid], None, None, training=True, eps=1e-5)
     assert torch.allclose(y[valid], ref, atol=1e-5)
-    assert torch.allclose(modeling.masked_batch_norm(x_outlier, valid)[valid], y[valid])
+    assert torch.allclose(objective.masked_batch_norm(x_outlier, valid)[valid], y[valid])
     one = torch.tensor([True, False, False, False, False, False])
-    assert torch.equal(modeling.masked_batch_norm(x, one), x)  # no statistics from one row
+    assert torch.equal(objective.masked_batch_norm(x, one), x)  # no statistics from one row
 
 
 def test_projection_head_centres_the_contrastive_view_and_is_not_released(tmp_path):
     """With projection=mlp the loss reads per-batch standardized projections (pooled cosines near 1 are no longer near 1),
     every head parameter gets a gradient, and the saved backbone (what a release holds) has no head weights."""
     torch.manual_seed(0)
-    model = AVViTForPretraining(pretraining_config(loss={"contrastive_weight": 1.0, "projection": "mlp", "projection_dim": 16}))
+    model = pretraining_model(loss={"contrastive_weight": 1.0, "projection": "mlp", "projection_dim": 16})
     audio, video = batch(4)
     out = model(audio=audio, video=video)
     out.loss.backward()
     heads = {n: p for n, p in model.named_parameters() if "projection" in n}
     assert heads and all(p.grad is not None and p.grad.abs().sum() > 0 for p in heads.values())
-    proj = model.audio_projection(out.audio_embeds.detach(), torch.ones(4, dtype=torch.bool))
+    proj = model.objective.audio_projection(out.audio_embeds.detach(), torch.ones(4, dtype=torch.bool))
     assert proj.shape == (4, 16) and torch.allclose(proj.mean(0), torch.zeros(16), atol=1e-5)
     model.avvit.save_pretrained(tmp_path)
     from safetensors.torch import load_file
@@ -374,7 +374,7 @@ def test_segment_contrast_trains_its_own_heads_and_is_not_released(tmp_path):
     """segment_weight > 0 adds a half-vs-half InfoNCE per modality: finite, in the loss, reaching the backbone and its
     own projection heads (released without them); a sample lacking a modality is no pair of that modality."""
     torch.manual_seed(0)
-    model = AVViTForPretraining(pretraining_config(loss={"segment_weight": 1.0, "projection": "mlp", "projection_dim": 16}))
+    model = pretraining_model(loss={"segment_weight": 1.0, "projection": "mlp", "projection_dim": 16})
     audio, video = batch(4)
     has_video = torch.tensor([True, True, True, False])
     out = model(audio=audio, video=video, has_video=has_video)
@@ -383,16 +383,16 @@ def test_segment_contrast_trains_its_own_heads_and_is_not_released(tmp_path):
     assert torch.allclose(out.loss, expected)
     out.loss.backward()
     for name in ("audio_segment_projection", "video_segment_projection"):
-        assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in getattr(model, name).parameters())
+        assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in getattr(model.objective, name).parameters())
     assert model.avvit.embeddings.audio_patch_embed.weight.grad.abs().sum() > 0
     model.avvit.save_pretrained(tmp_path)
     from safetensors.torch import load_file
 
     assert not [k for k in load_file(next(tmp_path.glob("*.safetensors"))) if "projection" in k]
     # Off by default: no heads, zero loss; on without a projection head: the pooled embeddings themselves.
-    plain = AVViTForPretraining(pretraining_config())
-    assert not hasattr(plain, "audio_segment_projection") and plain(audio=audio, video=video).loss_segment.item() == 0.0
-    bare = AVViTForPretraining(pretraining_config(loss={"segment_weight": 0.5, "reconstruction_weight": 0.0, "contrastive_weight": 0.0}))
+    plain = pretraining_model()
+    assert not hasattr(plain.objective, "audio_segment_projection") and plain(audio=audio, video=video).loss_segment.item() == 0.0
+    bare = pretraining_model(loss={"segment_weight": 0.5, "reconstruction_weight": 0.0, "contrastive_weight": 0.0})
     bare_out = bare(audio=audio)  # audio-only run: the audio halves alone
     assert bare_out.loss_segment.item() > 0 and torch.allclose(bare_out.loss, 0.5 * bare_out.loss_segment)
     with pytest.raises(ConfigError, match="all 0"):
@@ -405,8 +405,8 @@ def test_hard_negative_beta_reaches_both_contrasts():
     mean one), the retrieval accuracies are the same, and reconstruction does not change."""
     losses = {"segment_weight": 1.0, "contrastive_weight": 1.0, "projection": "mlp", "projection_dim": 16}
     torch.manual_seed(0)
-    plain = AVViTForPretraining(pretraining_config(loss=losses))
-    hard = AVViTForPretraining(pretraining_config(loss={**losses, "hard_negative_beta": 2.0}))
+    plain = pretraining_model(loss=losses)
+    hard = pretraining_model(loss={**losses, "hard_negative_beta": 2.0})
     hard.load_state_dict(plain.state_dict())
     audio, video = batch(6)
     outs = []
@@ -424,7 +424,7 @@ def test_with_cls_tokens_the_segment_contrast_pools_patches_and_the_cls_output_s
     """use_cls_token: the CLS output is the pooled embedding (the AV contrast's and the release's); the segment
     contrast reads the mean of the real patch outputs, so its clip cues shape the patches, not the embedding."""
     torch.manual_seed(0)
-    model = AVViTForPretraining(pretraining_config(use_cls_token=True, loss={"segment_weight": 1.0})).eval()
+    model = pretraining_model(use_cls_token=True, loss={"segment_weight": 1.0}).eval()
     audio, video = batch(3)
     with torch.no_grad():
         out = model.avvit(audio=audio, video=video, has_video=torch.tensor([True, True, False]))
@@ -432,9 +432,9 @@ def test_with_cls_tokens_the_segment_contrast_pools_patches_and_the_cls_output_s
             piece, valid = out[f"{name}_last_hidden_state"], out[f"{name}_token_mask"]
             real = valid[:, 1:].float()[..., None]
             expected = (piece[:, 1:] * real).sum(1) / real.sum(1).clamp(min=1.0)
-            assert torch.allclose(model._patch_mean(out, name), expected, atol=1e-6)
+            assert torch.allclose(model.avvit.patch_mean(out, name), expected, atol=1e-6)
             assert torch.allclose(out[f"{name}_embeds"], piece[:, 0] * valid[:, :1])  # the CLS output
-        assert model._patch_mean(out, "video")[2].abs().max() == 0  # no video: nothing to pool
+        assert model.avvit.patch_mean(out, "video")[2].abs().max() == 0  # no video: nothing to pool
         assert model(audio=audio, video=video).loss_segment.item() > 0
 
 
@@ -446,7 +446,7 @@ def test_save_and_load_round_trip_with_auto_classes(tmp_path):
     from transformers import AutoConfig, AutoModel, AutoModelForPreTraining
 
     torch.manual_seed(0)
-    model = AVViTForPretraining(pretraining_config(pos_embed_type="learned", use_cls_token=True)).eval()
+    model = pretraining_model(pos_embed_type="learned", use_cls_token=True).eval()
     audio, video = batch(2)
     model.save_pretrained(tmp_path)
     assert AutoConfig.from_pretrained(tmp_path).model_type == "avvit"
@@ -463,7 +463,23 @@ def test_save_and_load_round_trip_with_auto_classes(tmp_path):
         torch.manual_seed(5)
         b = loaded(audio=audio, video=video)
     assert torch.equal(a.loss, b.loss)
-    assert loaded.masking == model.masking and loaded.objective == model.objective
+    # The config is architecture only: the objective's sections belong to the run's recipe.
+    saved = json.loads((tmp_path / "config.json").read_text())
+    assert not {"pretraining_masking", "pretraining_loss"} & set(saved)
+
+
+def test_a_checkpoint_with_the_objective_heads_at_the_top_level_still_loads():
+    """Weights saved when the projection heads and the temperature sat beside the encoder
+    ("audio_projection.*", "logit_scale") load into the objective module, value for value."""
+    torch.manual_seed(0)
+    loss = {"learn_temperature": True, "projection": "mlp", "projection_dim": 16, "segment_weight": 0.5}
+    model = pretraining_model(loss=loss)
+    legacy = {k.removeprefix("objective."): v.clone() + 1 for k, v in model.state_dict().items()}
+    assert "logit_scale" in legacy and "audio_segment_projection.fc1.weight" in legacy
+    fresh = pretraining_model(loss=loss)
+    fresh.load_state_dict(legacy)
+    for key, value in fresh.state_dict().items():
+        assert torch.equal(value, legacy[key.removeprefix("objective.")]), key
 
 
 def test_eager_and_sdpa_give_the_same_outputs():
@@ -595,7 +611,7 @@ def test_init_from_tiny_hf_vit_checkpoint(tmp_path):
 def test_loss_decreases_when_overfitting_a_fixed_batch():
     """Twenty AdamW steps on one small fixed batch lower the total, reconstruction and contrastive losses."""
     torch.manual_seed(0)
-    model = AVViTForPretraining(pretraining_config(loss={"contrastive_weight": 1.0})).train()
+    model = pretraining_model(loss={"contrastive_weight": 1.0}).train()
     g = torch.Generator().manual_seed(0)
     # Each sample repeats one random patch everywhere: visible patches determine the masked ones, so
     # reconstruction is learnable within a few steps (i.i.d. noise would only be learnable by memorizing).
@@ -616,7 +632,7 @@ def test_loss_decreases_when_overfitting_a_fixed_batch():
 
 def test_param_groups_cover_every_trainable_parameter_once():
     """Layer-wise decay groups hold each trainable parameter exactly once, decay only matrices, and scale by depth."""
-    model = AVViTForPretraining(pretraining_config(loss={"learn_temperature": True}))
+    model = pretraining_model(loss={"learn_temperature": True})
     groups = param_groups_lrd(model, weight_decay=0.05, layer_decay=0.5)
     ids = [id(p) for g in groups for p in g["params"]]
     trainable = [p for p in model.parameters() if p.requires_grad]
@@ -633,7 +649,7 @@ def test_param_groups_cover_every_trainable_parameter_once():
     assert group_of(layers[0].attention.qkv.bias)["weight_decay"] == 0.0
     assert group_of(layers[0].norm1.audio.weight)["weight_decay"] == 0.0
     assert group_of(model.avvit.embeddings.positions.audio_modality)["weight_decay"] == 0.0
-    assert group_of(model.logit_scale)["weight_decay"] == 0.0
+    assert group_of(model.objective.logit_scale)["weight_decay"] == 0.0
     assert group_of(model.avvit.embeddings.audio_patch_embed.weight)["lr_scale"] == 0.5**3
     assert group_of(layers[0].mlp.fc1.weight)["lr_scale"] == 0.5**2
     assert group_of(layers[1].mlp.fc1.weight)["lr_scale"] == 0.5
@@ -679,7 +695,7 @@ def test_build_model_from_sections():
     model = build_model(model_cfg, masking, loss)
     assert isinstance(model, AVViTForPretraining)
     assert model.config._attn_implementation == "eager" and model.config.decoder_num_hidden_layers == 1
-    assert model.masking.reconstruction.video_ratios == [0.3] and model.objective.contrastive_weight == 0.5
+    assert model.objective.masking.reconstruction.video_ratios == [0.3] and model.objective.loss.contrastive_weight == 0.5
     assert set(model.avvit.layers[0].norm1.keys()) == {"shared"}
     out = model(*batch(2, frames=32, mels=128, v=1, size=32))
     assert out.audio_mask.sum(1).tolist() == [round(0.8 * 16)] * 2 and out.video_mask.sum(1).tolist() == [1, 1]
@@ -692,8 +708,12 @@ def test_build_model_from_sections():
 # ---------------------------------------------------------------- benchmark
 
 
-def test_bench_flop_formula_and_smoke():
-    """The FLOP count follows 24ND^2 + 4N^2D per layer, and bench_model returns one timed row per (arch, attn)."""
+def test_bench_flop_formula_and_smoke(monkeypatch):
+    """The FLOP count follows 24ND^2 + 4N^2D per layer; bench_model returns one timed row per (compile mode,
+    arch, attn, batch, packing) with the ratios against the padded and the eager padded step, and a compiled
+    row warms up 3 steps, reports its compile time and graphs, and records a failed compile as an error."""
+    from avssl.pretrain import bench
+
     assert layer_flops(10, 8, 32) == 24 * 10 * 64 + 4 * 100 * 8
     config = avvit_config_from_sections(ModelConfig(arch="avvit_tiny_patch16", audio_num_frames=32, video_image_size=32))
     masking = MaskingConfig.model_validate(
@@ -705,8 +725,88 @@ def test_bench_flop_formula_and_smoke():
     assert flops["encoder_reconstruction"] == 4 * layer_flops(4 + 1, d, 4 * d)
     assert flops["patch_embed"] == 2 * n_a * 256 * d + 2 * n_v * 768 * d
     assert flops["total_fwd_bwd"] == 3 * flops["total_fwd"]
-    rows = bench_model(archs=("avvit_tiny_patch16",), attn=("sdpa",), batch_size=1, steps=1, warmup=0, audio_frames=32, image_size=32)
+    tiny = {"archs": ("avvit_tiny_patch16",), "attn": ("sdpa",), "steps": 1, "warmup": 0, "audio_frames": 32, "image_size": 32}
+    rows = bench_model(batch_size=1, **tiny)
     assert len(rows) == 1 and rows[0]["step_ms"] > 0 and rows[0]["tokens_per_sample"] == n_a + n_v
+    # Eager by default: no compile time, and no baseline row (eager padded) in this run.
+    assert rows[0]["compile"] is None and rows[0]["compile_s"] is None and rows[0]["graphs"] is None
+    assert "vs_baseline" not in rows[0] and "error" not in rows[0]
+    # Both packings in one run: the packed row carries the padded step time over its own, which is
+    # also its ratio to the baseline (the padded row's own is 1).
+    rows = bench_model(batch_size=4, packing=(False, True), **tiny)
+    assert [r["packed"] for r in rows] == [False, True] and rows[1]["vs_padded"] > 0 and "vs_padded" not in rows[0]
+    assert rows[0]["vs_baseline"] == 1.0 and rows[1]["vs_baseline"] == rows[1]["vs_padded"]
+    # A batch sweep in one run: each batch size is its own baseline.
+    saved = []
+    rows = bench_model(batch_size=(1, 3), packing=(False,), on_row=lambda rs: saved.append(len(rs)), **tiny)
+    assert [r["batch_size"] for r in rows] == [1, 3] and [r["vs_baseline"] for r in rows] == [1.0, 1.0]
+    assert saved == [1, 2]
+    with pytest.raises(ValueError, match="compile modes"):
+        bench_model(batch_size=1, compile_modes=("fastest",), **tiny)
+    # The compiled path's bookkeeping, with compiling replaced (it takes minutes on a CPU): the compiled
+    # row warms up 3 steps though 0 were asked, compiles no graph, and is timed against the eager padded row.
+    calls = []
+    monkeypatch.setattr(bench, "compile_layers", lambda model, mode: calls.append(mode))
+    steps = []
+    real_setup = bench.bench_setup
+
+    def counting_setup(*args, **kwargs):
+        model, inputs = real_setup(*args, **kwargs)
+        model.register_forward_hook(lambda *_: steps.append(1))
+        return model, inputs
+
+    monkeypatch.setattr(bench, "bench_setup", counting_setup)
+    rows = bench_model(batch_size=2, packing=(False,), compile_modes=(None, "default"), **tiny)
+    assert calls == ["default"] and len(steps) == 1 + 3 + 1
+    eager, compiled = rows
+    assert compiled["compile"] == "default" and compiled["compile_s"] >= 0 and compiled["graphs"] == 0
+    assert compiled["vs_baseline"] == pytest.approx(eager["step_ms"] / compiled["step_ms"]) and "vs_padded" not in compiled
+    # A compile that fails is a row with its error, and the sweep goes on; an eager failure is raised.
+    def fail(*args, **kwargs):
+        raise RuntimeError("no\ncompiler")
+
+    monkeypatch.setattr(bench, "compile_layers", fail)
+    rows = bench_model(batch_size=2, packing=(False,), compile_modes=("reduce-overhead", None), **tiny)
+    assert rows[0]["error"] == "RuntimeError: no compiler" and rows[0]["step_ms"] is None and "vs_baseline" not in rows[0]
+    assert rows[1]["step_ms"] > 0 and rows[1]["vs_baseline"] == 1.0
+    monkeypatch.setattr(bench, "bench_setup", fail)
+    with pytest.raises(RuntimeError, match="no"):
+        bench_model(batch_size=1, **tiny)
+
+
+@pytest.mark.parametrize("cls_token", [False, True])
+def test_packed_contrastive_view_equals_the_padded_one_and_runs_fewer_tokens(cls_token):
+    """Packing the contrastive view by masking ratio (one encoder pass per sub-batch, no padding slots)
+    gives the padded view's embeddings, losses and gradients up to rounding, on batches that split
+    into sub-batches evenly and unevenly, and the FLOP count drops by the padding it skips."""
+    for b in (4, 7):
+        got = {}
+        for pack in (False, True):
+            torch.manual_seed(0)
+            model = pretraining_model(masking={"pack_contrastive": pack}, use_cls_token=cls_token,
+                                      loss={"contrastive_weight": 1.0, "projection": "mlp", "projection_dim": 16})
+            audio, video = batch(b)
+            torch.manual_seed(1)
+            out = model(audio=audio, video=video, has_video=torch.arange(b) != 1)
+            out.loss.backward()
+            got[pack] = (out, {n: p.grad for n, p in model.named_parameters() if p.grad is not None})
+        (padded, g_pad), (packed, g_pack) = got[False], got[True]
+        for key in ("audio_embeds", "video_embeds"):
+            assert torch.allclose(packed[key], padded[key], atol=1e-5), key
+        for key in ("loss", "loss_contrastive", "contrastive_accuracy", "loss_reconstruction"):
+            assert torch.allclose(packed[key], padded[key], rtol=1e-5, atol=1e-6), key
+        assert g_pack.keys() == g_pad.keys()
+        # Rounding only, relative to the gradients' norms (the norm biases before the batch-normed heads
+        # get near-cancelling gradients, whose own relative rounding is larger).
+        flat = {k: torch.cat([g.flatten() for g in grads.values()]) for k, grads in ((True, g_pack), (False, g_pad))}
+        assert (flat[True] - flat[False]).norm() <= 1e-4 * flat[False].norm()
+        for name, grad in g_pad.items():
+            assert (g_pack[name] - grad).norm() <= 1e-3 * grad.norm() + 1e-5, name
+    config = small_config()
+    flops = {pack: pretraining_flops(config, MaskingConfig(pack_contrastive=pack), LossConfig(), 10, 48, 2, 32)
+             for pack in (False, True)}
+    assert flops[True]["encoder_contrastive"] < 0.75 * flops[False]["encoder_contrastive"]
+    assert flops[True]["encoder_reconstruction"] == flops[False]["encoder_reconstruction"]
 
 
 def test_reconstruction_targets_are_normalized_per_modality_as_configured():
@@ -716,7 +816,7 @@ def test_reconstruction_targets_are_normalized_per_modality_as_configured():
 
     audio, video = batch(2)
     for audio_norm, video_norm in ((False, True), (True, False)):
-        model = AVViTForPretraining(pretraining_config(loss={"audio_norm_pix_loss": audio_norm, "norm_pix_loss": video_norm}))
+        model = pretraining_model(loss={"audio_norm_pix_loss": audio_norm, "norm_pix_loss": video_norm})
         torch.manual_seed(0)
         out = model(audio=audio, video=video)
         emb = model.avvit.embeddings
@@ -725,3 +825,26 @@ def test_reconstruction_targets_are_normalized_per_modality_as_configured():
             expect = masked_patch_loss(pred, target, mask, norm)
             other = masked_patch_loss(pred, target, mask, not norm)
             assert torch.allclose(out[f"loss_rec_{name}"], expect) and not torch.allclose(out[f"loss_rec_{name}"], other), name
+
+
+def test_forward_features_reads_one_input_type():
+    """`AVViTModel.forward_features(AVInputs)` is the encoder on the batch the inputs hold, presence included;
+    `AVInputs.of` fills presence for an input given without flags and for a missing one."""
+    from avssl.pretrain.inputs import AVInputs
+
+    torch.manual_seed(0)
+    model = AVViTModel(small_config()).eval()
+    audio, video = batch(3)
+    has_video = torch.tensor([True, False, True])
+    inputs = AVInputs.of(audio, video, has_video=has_video)
+    assert inputs.has_audio.tolist() == [True] * 3 and inputs.batch_size == 3
+    with torch.no_grad():
+        out = model.forward_features(inputs, output_layers=[0])
+        ref = model(audio=audio, video=video, has_video=has_video, output_layers=[0])
+        assert torch.equal(out.fused_embeds, ref.fused_embeds)
+        assert torch.equal(out.intermediate_hidden_states[0], ref.intermediate_hidden_states[0])
+        alone = model.forward_features(AVInputs.of(audio=audio))
+        assert alone.video_embeds is None and torch.equal(alone.audio_embeds, model(audio=audio).audio_embeds)
+    assert not AVInputs.of(video=video).has_audio.any()
+    with pytest.raises(ValueError, match="audio, video or both"):
+        AVInputs.of()

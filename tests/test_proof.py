@@ -9,7 +9,7 @@ from avssl import AvsslError
 from avssl.config import load_config
 from avssl.finetune import metrics as M
 from avssl.finetune.evaluate import headline, pool_scores, read_scores, write_scores
-from avssl.finetune.proof import (REPO_CONFIGS, attack_table, comparison, markdown, paired_gain, recipe_tag,
+from avssl.finetune.proof import (attack_table, comparison, markdown, packaged_recipes, paired_gain, recipe_tag,
                                   release_tag)
 from avssl.finetune.recipe import FinetuneRecipe
 
@@ -80,7 +80,7 @@ def test_recipe_tag_follows_corpus_content_not_paths(tmp_path):
     """A moved checkout (corpus and storage elsewhere, same content) resumes its proof runs; a
     different corpus or a different budget gets runs of its own."""
     def tag(corpus, storage, *extra):
-        recipe = load_config(FinetuneRecipe, REPO_CONFIGS / "spoof.yaml",
+        recipe = load_config(FinetuneRecipe, packaged_recipes() / "spoof.yaml",
                              [f"data.corpus={corpus}", f"trainer.storage_path={storage}", "trainer.name=x", *extra])
         return recipe_tag(recipe)
 
