@@ -18,8 +18,16 @@ __version__ = "0.1.0"
 
 class AvsslError(Exception):
     """An error caused by the user's input (a config key, a file, a line): the CLI prints its
-    message without a traceback and exits with status 2. The message says what is wrong, where,
-    and what to do."""
+    message without a traceback and exits with status `exit_code` (2). The message says what is
+    wrong, where, and what to do."""
+
+    exit_code = 2
+
+
+class NoRestartError(AvsslError):
+    """Raised in a training worker for a failure that restarting the workers cannot fix (a corpus
+    with no readable shard, a full disk): the driver stops the run at once with this message
+    instead of spending `trainer.max_failures` restarts on it."""
 
 
 def _extend_path_in_source_checkout() -> None:

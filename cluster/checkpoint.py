@@ -13,20 +13,27 @@ the fragment address tuple); exactly those are allowed. DeepSpeed itself calls
 `torch.load(weights_only=False)` (its checkpoint engine on resume, `zero_to_fp32` when
 consolidating): `weights_only_deepspeed()` and `load_engine_checkpoint()` route those calls
 through the same weights-only load. Non-tensor training state is JSON (`train_state.json`).
+
+A full storage (disk full, quota, file size limit) is told apart from other save errors
+(`refused_write`) and raised as a StorageFullError, which no restart can fix: the run stops with
+the refused path, its partial checkpoint is removed, and the previous one stays for the re-run.
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import logging
+import os
 import pickle
+import shutil
 from pathlib import Path
 from typing import Any, Iterator
 
 import torch
 
-from avssl import AvsslError
+from avssl import AvsslError, NoRestartError
 
 log = logging.getLogger("avssl.checkpoint")
 
@@ -100,6 +107,61 @@ def load_engine_checkpoint(engine: Any, directory: str | Path, tag: str = DS_TAG
         checkpoint_engine.load = original
 
 
+# ----------------------------------------------------------------------------- a storage that refuses writes
+
+# The errors of a write the storage refuses: disk full, quota exceeded, file size limit.
+STORAGE_FULL = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
+
+
+class StorageFullError(NoRestartError):
+    """A checkpoint could not be written because its storage refuses writes. A restart would fill
+    it again, so the run stops at once; the CLI exits 1 (the environment failed, not the input)."""
+
+    exit_code = 1
+
+
+def refused_write(exc: BaseException | None) -> OSError | None:
+    """The OSError in `exc` or its causes that says the storage refused a write, else None."""
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        if isinstance(exc, OSError) and exc.errno in STORAGE_FULL:
+            return exc
+        exc = exc.__cause__ or exc.__context__
+    return None
+
+
+def describe_refusal(err: OSError, where: str | Path) -> str:
+    """`PATH: No space left on device (ENOSPC)`: the refused file where the error names one."""
+    return f"{err.filename or where}: {os.strerror(err.errno)} ({errno.errorcode.get(err.errno, err.errno)})"
+
+
+def save_engine_checkpoint(engine: Any, directory: str | Path, tag: str = DS_TAG) -> None:
+    """`engine.save_checkpoint` with each file written through a Python file object: torch's own
+    file writer reports a refused write only as "file write failed", while with a file object its
+    zip writer (DeepSpeed's default format) writes through Python, whose OSError keeps the errno;
+    that error is raised again with the file's path."""
+    checkpoint_engine = engine.checkpoint_engine
+    original = checkpoint_engine.save
+    zipfile = getattr(checkpoint_engine, "zipfile_serialization", True)
+
+    def save(state_dict: Any, path: str) -> None:
+        try:
+            with open(path, "wb") as f:
+                torch.save(state_dict, f, _use_new_zipfile_serialization=zipfile)
+        except Exception as exc:
+            refused = refused_write(exc)
+            if refused is None:
+                raise
+            raise OSError(refused.errno, os.strerror(refused.errno), str(path)) from exc
+
+    checkpoint_engine.save = save
+    try:
+        engine.save_checkpoint(str(directory), tag=tag)
+    finally:
+        checkpoint_engine.save = original
+
+
 # ----------------------------------------------------------------------------- which checkpoints are complete
 
 
@@ -147,6 +209,21 @@ def complete_checkpoints(run_dir: Path, warn: bool = True) -> list[Path]:
     if partial and warn:
         log.warning("%s: ignoring partial checkpoint(s): %s", run_dir, "; ".join(partial))
     return good
+
+
+def remove_partial_checkpoints(run_dir: Path) -> list[str]:
+    """Delete the partial checkpoint folders newer than the newest complete one (saves cut short,
+    never resumed from; on a full disk they hold the space a re-run needs). Returns their names."""
+    run_dir = Path(run_dir)
+    good = complete_checkpoints(run_dir, warn=False)
+    newest = good[-1].name if good else ""
+    removed = []
+    for folder in sorted(p for p in run_dir.glob("checkpoint_*") if p.is_dir() and p.name > newest):
+        if not is_complete(folder)[0]:
+            shutil.rmtree(folder, ignore_errors=True)
+            if not folder.exists():
+                removed.append(folder.name)
+    return removed
 
 
 def latest_checkpoint(run_or_checkpoint: Path) -> Path:

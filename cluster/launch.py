@@ -5,13 +5,21 @@ address it starts a local Ray instance; with `address` (or RAY_ADDRESS) it joins
 Re-running with the same `trainer.name` and `trainer.storage_path` resumes from the newest
 checkpoint (Ray Train V2 finds it) and continues the same MLflow run.
 
-SIGTERM to this process (preemption of the job's entry point, `avssl jobs stop`) writes the
-run's STOP file: the workers checkpoint at their next log step and exit; re-running resumes.
+SIGTERM or SIGINT (Ctrl-C) to this process or to its whole process group (a terminal, a batch
+system; preemption of the job's entry point, `avssl jobs stop`) writes the run's STOP file: the
+workers checkpoint at their next log step and exit; re-running resumes. A second Ctrl-C stops at
+once, without that checkpoint.
+
+Restarts after a worker failure (`trainer.max_failures`) are made here, not by Ray Train, so a
+failure that no restart can fix (a NoRestartError in a worker: a full disk, a rank whose shards
+cannot be read) stops the run at once with its message, and so does any failure after a stop was
+asked for.
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import logging
 import os
@@ -24,9 +32,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from avssl import AvsslError
+from avssl import AvsslError, NoRestartError
 from avssl.cluster.config import PretrainRecipe, derive
-from avssl.cluster.checkpoint import complete_checkpoints
+from avssl.cluster.checkpoint import (STATE_FILE, StorageFullError, complete_checkpoints, describe_refusal,
+                                     refused_write, remove_partial_checkpoints)
+from avssl.cluster.console import install_output_filter
 from avssl.cluster.export import RUN_CONFIG, export_release
 from avssl.cluster.runlock import LOCK_FILE, RunLock
 from avssl.cluster.train import train_func
@@ -48,6 +58,7 @@ class RunResult:
     mlflow_run_id: str | None
     tracking_uri: str
     metrics: dict[str, Any]
+    stop_signal: int | None = None  # PREEMPTED by SIGINT or SIGTERM (None: a STOP file, `avssl jobs stop`)
 
 
 def init_ray(address: str | None) -> None:
@@ -61,8 +72,54 @@ def init_ray(address: str | None) -> None:
         ray.init(address=address, log_to_driver=True, logging_level=level)
     else:  # the embedded default: a private local instance, reachable from this machine only
         # (a Ray node runs any code it is sent). The dashboard hosts the state API Ray Train polls.
-        with _loopback_node():
-            ray.init(log_to_driver=True, logging_level=level, **LOCAL_RAY_OPTIONS)
+        # address="local": without it Ray attaches to whatever cluster `ray start` last recorded
+        # in /tmp/ray, which may be another user's or another job's.
+        with _loopback_node(), _known_address(), _sigterm_blocked():
+            ray.init(address="local", log_to_driver=True, logging_level=level, **LOCAL_RAY_OPTIONS)
+    install_output_filter()  # progress drawn in place on a terminal, Ray's false alarms dropped
+
+
+@contextlib.contextmanager
+def _sigterm_blocked():
+    """SIGTERM blocked in this thread while the local instance starts. A terminal or a batch system
+    may signal the driver's whole process group, and the instance's processes (GCS, raylet,
+    dashboard) are in it; started under the block they keep it, as they keep the SIGINT block Ray
+    gives them, so SIGTERM reaches the driver alone, which checkpoints the run and then ends them
+    (Ray's shutdown sends SIGTERM, waits a second, then SIGKILL). Ray's workers have process groups
+    of their own."""
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+
+
+@contextlib.contextmanager
+def _known_address():
+    """The local instance's GCS on a free loopback port chosen here, and RAY_ADDRESS naming it in
+    the environment its processes inherit. Ray Train's PlacementGroupCleaner asks the state API
+    whether the run's controller is alive without an address; with none in its environment Ray
+    guesses, and with several instances on the machine (two runs, parallel tests) it picks the one
+    `ray start` last recorded: an error every run, or, were that instance alive, "no such actor" and
+    the healthy run's placement group removed. The driver's own environment is restored after."""
+    import socket
+
+    from ray._private import ray_constants
+
+    with socket.socket() as s:  # a port the kernel has just found free; the GCS takes it at once
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    names = (ray_constants.GCS_PORT_ENVIRONMENT_VARIABLE, ray_constants.RAY_ADDRESS_ENVIRONMENT_VARIABLE)
+    saved = {name: os.environ.get(name) for name in names}
+    os.environ.update(dict(zip(names, (str(port), f"127.0.0.1:{port}"))))
+    try:
+        yield
+    finally:
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
 
 
 @contextlib.contextmanager
@@ -142,27 +199,106 @@ def environment_params() -> dict[str, str]:
     return {**versions, "git_commit": _git_commit(), "driver_device": device, "python": platform.python_version()}
 
 
-class StopOnSigterm:
-    """While active, SIGTERM writes the STOP file instead of killing the driver."""
+class StopOnSignal:
+    """While active, SIGTERM and SIGINT (Ctrl-C) write the STOP file instead of killing the driver,
+    and `received` keeps the first of them (the exit status is 128 + its number). A second SIGINT
+    raises KeyboardInterrupt: stop at once, without the checkpoint."""
+
+    SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
     def __init__(self, stop_file: Path) -> None:
         self.stop_file = stop_file
-        self.previous = None
+        self.previous: dict[int, Any] = {}
+        self.received: int | None = None
 
-    def __enter__(self) -> "StopOnSigterm":
-        try:
-            self.previous = signal.signal(signal.SIGTERM, self._handler)
-        except ValueError:  # driver not in the main thread (tests calling from threads)
-            self.previous = None
+    def __enter__(self) -> "StopOnSignal":
+        for sig in self.SIGNALS:
+            try:
+                self.previous[sig] = signal.signal(sig, self._handler)
+            except ValueError:  # driver not in the main thread (tests calling from threads)
+                pass
         return self
 
     def _handler(self, signum, frame) -> None:
-        log.warning("SIGTERM: asking the workers to checkpoint and stop (%s)", self.stop_file)
+        if self.received is not None:
+            if signum == signal.SIGINT:
+                raise KeyboardInterrupt
+            return
+        self.received = signum
+        again = "; Ctrl-C again stops at once, without it" if signum == signal.SIGINT else ""
+        log.warning("%s: asking the workers to checkpoint at their next log step and stop (%s)%s",
+                    signal.Signals(signum).name, self.stop_file, again)
         self.stop_file.write_text(str(time.time()))
 
     def __exit__(self, *exc) -> None:
-        if self.previous is not None:
-            signal.signal(signal.SIGTERM, self.previous)
+        for sig, previous in self.previous.items():
+            signal.signal(sig, previous)
+
+
+def worker_errors(exc: BaseException) -> list[BaseException]:
+    """What the train function raised on each failed rank, by rank, from Ray Train's failure: Ray
+    hands each over as a UserExceptionWithTraceback keeping the original in `_base_exc`; a worker
+    that died comes as Ray's own error."""
+    failures = getattr(exc, "worker_failures", None) or {}
+    return [getattr(failures[rank], "_base_exc", failures[rank]) for rank in sorted(failures)]
+
+
+def message_of(exc: BaseException) -> str:
+    """An exception's message on one line. Errors that crossed a process carry a traceback as
+    their text (Ray's wrapper; torch's DataLoader re-raises a loader worker's error that way):
+    its last line is `module.Class: message`."""
+    lines = [line for line in str(exc).splitlines() if line.strip()]
+    last = lines[-1].strip() if lines else type(exc).__name__
+    for prefix in (f"{type(exc).__module__}.{type(exc).__qualname__}: ", f"{type(exc).__qualname__}: "):
+        if last.startswith(prefix):
+            return last[len(prefix):]
+    return last
+
+
+def no_restart_error(exc: BaseException) -> NoRestartError | None:
+    """The failure among the ranks' errors that no restart can fix: a NoRestartError, or a write
+    the storage refused (disk full, quota, file size limit) wherever it happened."""
+    for err in worker_errors(exc):
+        if isinstance(err, NoRestartError):
+            return err
+        refused = refused_write(err)
+        if refused is not None:
+            return StorageFullError(f"cannot write {describe_refusal(refused, 'a file')}")
+    return None
+
+
+def failure_summary(exc: BaseException) -> str:
+    """`rank 1: ValueError: ...` for each failed rank, on one line."""
+    failures = getattr(exc, "worker_failures", None)
+    if not failures:
+        return message_of(exc)
+    return "; ".join(f"rank {rank}: {message_of(failures[rank])}" for rank in sorted(failures))
+
+
+def stop_message(err: NoRestartError, run_name: str, run_dir: Path) -> NoRestartError:
+    """The run's last line for a failure no restart can fix. After a refused write: the partial
+    checkpoint it left is removed (it would hold space a re-run needs) and the checkpoint a re-run
+    resumes from is named."""
+    text = f"run {run_name} stopped: {message_of(err)}"
+    if isinstance(err, StorageFullError):
+        removed = remove_partial_checkpoints(run_dir)
+        good = complete_checkpoints(run_dir, warn=False)
+        resume = (f"resume from step {int(good[-1].name.rsplit('_', 1)[1])} ({good[-1].name}, intact)" if good
+                  else "start from step 0 (no checkpoint was saved)")
+        text += (". A restart cannot fix a full disk, so there was none: free space there, then re-run the same "
+                 f"command to {resume}")
+        if removed:
+            text += f"; removed the partial {', '.join(removed)}"
+    return type(err)(text)
+
+
+def end_ray_output() -> None:
+    """Before a stopped or failed run's last line: disconnect from Ray (ending a local instance this
+    driver started). Ray forwards its processes' output asynchronously, and a late line (an actor's
+    warning about the stop) would otherwise come after it."""
+    import ray
+
+    ray.shutdown()
 
 
 def plot_loss_curves(uri: str, run_id: str, out: Path) -> Path | None:
@@ -221,7 +357,26 @@ def check_corpus(recipe: Any) -> Any:
     corpus = Path(recipe.data.corpus).resolve()
     CorpusIndex.load(corpus).count(recipe.data.split)
     load_stats(corpus).check_matches(recipe.features, str(corpus / "stats.json"))
+    check_readable(corpus, recipe.data.split)
     return recipe.model_copy(update={"data": recipe.data.model_copy(update={"corpus": str(corpus)})})
+
+
+def check_readable(corpus: Path, split: str) -> None:
+    """Fail at once when no shard of the split can be read (missing, not a tar, empty): every
+    restart of the workers would fail the same way. Reads up to the first readable sample, which
+    on a sound corpus is in the first shard."""
+    from avssl.data.shards import CorpusIndex, ReadReport, iter_checked_samples
+
+    report = ReadReport()
+    samples = iter_checked_samples(CorpusIndex.load(corpus).shards(split), report)
+    first = next(samples, None)
+    samples.close()
+    if first is None:
+        raise AvsslError(
+            f"corpus {corpus}: no readable shard in split {split!r}"
+            f"{f' ({report.describe(limit=1)})' if report else ''}, so training cannot start. "
+            f"`avssl data inspect {corpus} --split {split}` names every damaged shard; restore them or write the "
+            "corpus again (avssl data prepare, avssl data synth), then re-run")
 
 
 # Sections that fix what a checkpoint holds (parameter shapes, what the features mean): a run
@@ -349,10 +504,11 @@ def _run_training(recipe: Any, address: str | None, *, kind: str, export=None,
     run_config = ray.train.RunConfig(
         name=t.name,
         storage_path=storage,
-        failure_config=ray.train.FailureConfig(max_failures=t.max_failures),
+        failure_config=ray.train.FailureConfig(max_failures=0),  # restarts are made below, where errors are told apart
         checkpoint_config=ray.train.CheckpointConfig(num_to_keep=t.keep_checkpoints),
     )
-    trainer = TorchTrainer(
+    make_trainer = functools.partial(
+        TorchTrainer,
         train_func,
         train_loop_config={
             "kind": kind,
@@ -362,17 +518,39 @@ def _run_training(recipe: Any, address: str | None, *, kind: str, export=None,
             "run_id": run_id,
             "stop_file": str(control / "STOP"),
             "placement_dir": str(control / "placement"),
+            "run_dir": str(run_dir),  # where Ray copies the checkpoints (named when a copy fails)
         },
         scaling_config=scaling,
         run_config=run_config,
     )
-    with StopOnSigterm(control / "STOP"):
-        try:
-            result = trainer.fit()
-        except Exception as exc:
-            if tracker:
-                tracker.finish(status="FAILED")
-            raise AvsslError(f"training run {t.name} failed after {t.max_failures} restarts: {exc}") from exc
+    restarts = 0
+    with StopOnSignal(control / "STOP") as stop:
+        while True:
+            trainer = make_trainer()
+            # During fit() Ray Train would replace the SIGINT handler by its own, which aborts the
+            # run at once without a checkpoint: StopOnSignal's stays.
+            trainer._register_sigint_handler = lambda controller: None
+            try:
+                result = trainer.fit()
+                break
+            except KeyboardInterrupt:  # a second Ctrl-C
+                if tracker:
+                    tracker.finish(status="KILLED", timeout_s=10)
+                raise
+            except Exception as exc:
+                fatal = no_restart_error(exc)
+                if fatal is None and stop.received is None and (t.max_failures < 0 or restarts < t.max_failures):
+                    restarts += 1
+                    log.warning("run %s: %s; restart %d of %s from the newest checkpoint", t.name, failure_summary(exc),
+                                restarts, t.max_failures if t.max_failures >= 0 else "unlimited")
+                    continue
+                if tracker:
+                    tracker.finish(status="FAILED")
+                end_ray_output()
+                if fatal is not None:
+                    raise stop_message(fatal, t.name, run_dir) from None
+                raise AvsslError(f"training run {t.name} failed after {restarts} restarts: {failure_summary(exc)} "
+                                 "(the workers' tracebacks are above)") from exc
 
     metrics = dict(result.metrics or {})
     checkpoint = Path(result.checkpoint.path) if result.checkpoint else None
@@ -381,7 +559,8 @@ def _run_training(recipe: Any, address: str | None, *, kind: str, export=None,
         if tracker:
             tracker.set_tags({"avssl.preempted_at_step": str(metrics.get("step"))})
             tracker.finish(status="KILLED")
-        return RunResult("PREEMPTED", run_dir, checkpoint, None, run_id, uri, metrics)
+        end_ray_output()
+        return RunResult("PREEMPTED", run_dir, checkpoint, None, run_id, uri, metrics, stop_signal=stop.received)
 
     release = None
     if t.export and checkpoint is not None and export is not None:
@@ -410,4 +589,21 @@ def result_summary(result: RunResult) -> str:
         lines.append(f"MLflow UI: {mlflow_ui_command(result.tracking_uri)}")
     if result.metrics:
         lines.append("final metrics: " + json.dumps({k: round(v, 5) if isinstance(v, float) else v for k, v in result.metrics.items()}))
+    skipped = skipped_summary(result.checkpoint)
+    if skipped:
+        lines.append(skipped)
     return "\n".join(lines)
+
+
+def skipped_summary(checkpoint: Path | None, shown: int = 5) -> str | None:
+    """The run's distinct corrupt or unreadable samples, from its latest checkpoint's train state
+    (None where that cannot be read: no checkpoint, or one in an object store)."""
+    try:
+        state = json.loads((Path(checkpoint) / STATE_FILE).read_text())
+    except (TypeError, OSError, ValueError):
+        return None
+    count, names = int(state.get("skipped_samples", 0)), list(state.get("bad_samples", []))
+    if not count:
+        return "skipped samples: 0"
+    more = f", and {len(names) - shown} more in {Path(checkpoint) / STATE_FILE}" if len(names) > shown else ""
+    return f"skipped samples: {count} distinct, corrupt or unreadable ({', '.join(names[:shown])}{more})"

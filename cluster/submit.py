@@ -125,12 +125,12 @@ def entrypoint(command: str, config: Path, overrides: list[str], root: Path) -> 
     return shlex.join(words)
 
 
-def submit(address: str, command: str, config: Path, overrides: list[str], *, token: str | None = None,
+def submit(address: str, command: str, config: Path, overrides: list[str], *, recipe_cls: type, token: str | None = None,
            token_file: str | Path | None = None, pip: list[str] | None = None, env: dict[str, str] | None = None, submission_id: str | None = None) -> str:
-    """Validate the recipe locally (fail before anything is uploaded), then submit; returns the job id."""
+    """Validate the recipe locally against `recipe_cls`, the command's recipe type (fail before anything is
+    uploaded), then submit; returns the job id."""
     from avssl.config import load_config
 
-    recipe_cls = _recipe_class(command)
     load_config(recipe_cls, config, overrides)
     root = source_root()
     jobs = client(address, token, token_file)
@@ -176,18 +176,6 @@ def retry_while_no_agent(call, address: str, *, wait_s: float = AGENT_WAIT_S, po
                     "dashboard agent log (/tmp/ray/session_latest/logs/dashboard_agent.log)."
                 ) from None
             sleep(poll_s)
-
-
-def _recipe_class(command: str):
-    if command == "pretrain":
-        from avssl.cluster.config import PretrainRecipe
-
-        return PretrainRecipe
-    if command == "finetune":
-        from avssl.finetune.recipe import FinetuneRecipe
-
-        return FinetuneRecipe
-    raise AvsslError(f"cannot submit {command!r}: choose pretrain or finetune")
 
 
 def wait(address: str, job_id: str, *, token: str | None = None, token_file: str | Path | None = None, timeout_s: float | None = None, poll_s: float = 2.0,

@@ -154,9 +154,13 @@ class MlflowLogger(NullLogger):
         self._queue.put(("artifact", (str(path), artifact_path)))
 
     def register(self, release_dir: str | Path, name: str) -> None:
-        """Register the logged release (artifact path `release`) as a new version of model `name`:
-        `avssl finetune --init models:/NAME/VERSION` starts from it."""
-        self._queue.put(("register", name))
+        """Register the logged release (artifact path `release`) as a new version of model `name`,
+        with the description and tags its MLmodel file gives (cluster/export.py; the signature is
+        read from that file by MLflow): `avssl finetune --init models:/NAME/VERSION` starts from it."""
+        from avssl.cluster.export import registry_details
+
+        description, tags = registry_details(Path(release_dir))
+        self._queue.put(("register", (name, description, tags)))
 
     def finish(self, status: str | None = "FINISHED", timeout_s: float = 30.0) -> None:
         """Flush what is queued (bounded by timeout_s), then close the run with `status` (None:
@@ -217,13 +221,15 @@ class MlflowLogger(NullLogger):
         elif kind == "register":
             from mlflow.exceptions import MlflowException
 
+            name, description, tags = payload
             try:
-                client.create_registered_model(payload)
+                client.create_registered_model(name)
             except MlflowException:  # exists already: add a version
                 pass
             source = f"{client.get_run(self.run_id).info.artifact_uri}/release"
-            version = client.create_model_version(payload, source=source, run_id=self.run_id)
-            log.info("registered models:/%s/%s", payload, version.version)
+            version = client.create_model_version(name, source=source, run_id=self.run_id, tags=tags,
+                                                  description=description or None)
+            log.info("registered models:/%s/%s", name, version.version)
         elif kind == "status":
             client.set_terminated(self.run_id, status=payload)
 

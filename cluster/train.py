@@ -5,7 +5,7 @@ module globals): the validated recipe as plain data plus the run's shared facts 
 run id, resolved by the driver). Ray has already created the process group (gloo on CPU, nccl
 on GPU); DeepSpeed is initialized here.
 
-Checkpoints: every `checkpoint_every` steps (and at the end, and on SIGTERM) all ranks write
+Checkpoints: every `checkpoint_every` steps (and at the end, and on a stop) all ranks write
 their DeepSpeed shards into a fresh local directory and call `ray.train.report` with it. Ray
 merges the ranks' directories into one in `storage_path/name/checkpoint_<step>`, registers it
 only after every rank has uploaded, and keeps the last K: a crash mid-save leaves the previous
@@ -24,15 +24,17 @@ import resource
 import signal
 import tempfile
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterable
 
 import torch
 import torch.distributed as dist
 
-from avssl.cluster.checkpoint import DS_TAG, STATE_FILE, load_engine_checkpoint
+from avssl.cluster.checkpoint import (DS_TAG, STATE_FILE, StorageFullError, describe_refusal, load_engine_checkpoint,
+                                     refused_write, save_engine_checkpoint)
 from avssl.cluster.config import PretrainRecipe, derive
+from avssl.cluster.console import progress_line
 from avssl.cluster.engine import build_engine
 from avssl.cluster.tracking import make_logger
 
@@ -47,22 +49,35 @@ class TrainState:
     epoch: int = 0
     batches_in_epoch: int = 0  # micro-batches of `epoch` consumed on each rank
     samples_seen: int = 0  # global
-    skipped_samples: int = 0  # global, corrupt or unreadable
+    skipped_samples: int = 0  # global: distinct corrupt or unreadable samples and shards
+    # Their names (`shard:key`, or `shard` for a shard that cannot be read), in the order met: a
+    # damaged shard is read again every epoch, on resampled draws and after a restart, and
+    # counts once. (A state saved before names were kept resumes its count and adds to it.)
+    bad_samples: list[str] = field(default_factory=list)
 
-    def state_dict(self) -> dict[str, int]:
+    def state_dict(self) -> dict[str, Any]:
         return asdict(self)
 
-    def load_state_dict(self, d: dict[str, int]) -> None:
+    def load_state_dict(self, d: dict[str, Any]) -> None:
         for key, value in d.items():
-            setattr(self, key, int(value))
+            setattr(self, key, [str(v) for v in value] if key == "bad_samples" else int(value))
+
+    def add_skipped(self, names: Iterable[str]) -> list[str]:
+        """Record bad samples met anywhere in the run; returns the ones not known before."""
+        known = set(self.bad_samples)
+        new = [n for n in dict.fromkeys(names) if n not in known]
+        self.bad_samples += new
+        self.skipped_samples += len(new)
+        return new
 
 
 class Preemption:
-    """A stop request: the run's STOP file (written by the driver when it receives SIGTERM, or by
-    `avssl jobs stop`), or SIGTERM to this process where a handler can be installed. Ray Train V2
-    runs the train function in a worker thread, where Python cannot install signal handlers, so
-    the file is the path that always works. The loop checks on log steps and all ranks agree
-    (one all-reduce they do anyway), checkpoint at the same step, then exit."""
+    """A stop request: the run's STOP file (written by the driver when it receives SIGTERM or
+    SIGINT, or by `avssl jobs stop`), or SIGTERM to this process where a handler can be
+    installed. Ray Train V2 runs the train function in a worker thread, where Python cannot
+    install signal handlers, so the file is the path that always works. The loop checks on log
+    steps and all ranks agree (one all-reduce they do anyway), checkpoint at the same step, then
+    exit."""
 
     def __init__(self, stop_file: Path | None) -> None:
         self.stop_file = stop_file
@@ -141,13 +156,25 @@ class PretrainWorkload(Workload):
             enable_activation_checkpointing(model)
         return model, None
 
+    def inputs(self, batch: dict[str, Any], device: torch.device, step: int) -> dict[str, Any]:
+        # The objective's contrastive losses gather across the data-parallel group it is handed.
+        group = torch.distributed.group.WORLD if torch.distributed.is_initialized() else None
+        return {**batch_inputs(batch, device), "process_group": group}
+
+
+    @classmethod
+    def from_config(cls, config: dict[str, Any]) -> PretrainWorkload:
+        return cls(PretrainRecipe.model_validate(config["recipe"]))
+
 
 def make_workload(config: dict[str, Any]) -> Workload:
-    if config.get("kind", "pretrain") == "finetune":
-        from avssl.finetune.runner import FinetuneWorkload
+    """The workload named by its import path, "module:Class" (default: pretraining), built from the
+    worker config. The loop imports no task package: finetuning plugs in from avssl.finetune
+    without cluster/ depending on it."""
+    import importlib
 
-        return FinetuneWorkload.from_config(config)
-    return PretrainWorkload(PretrainRecipe.model_validate(config["recipe"]))
+    module, _, name = config.get("workload", "avssl.cluster.train:PretrainWorkload").partition(":")
+    return getattr(importlib.import_module(module), name).from_config(config)
 
 
 def _memory_mb(device: torch.device) -> float:
@@ -170,37 +197,59 @@ class MetricWindow:
         self.samples = 0
         self.tokens = 0
         self.skipped = 0
+        self.skipped_keys: list[str] = []  # names of bad samples this rank's loader met first in the window
         self.data_s = 0.0
         self.t0 = time.perf_counter()
 
-    def add(self, vals: list[torch.Tensor | None], samples: int, tokens: int, skipped: int, data_s: float) -> None:
+    def add(self, vals: list[torch.Tensor | None], samples: int, tokens: int, skipped: int, data_s: float,
+            skipped_keys: list[str] = ()) -> None:
         self.sums += torch.stack([(v if v is not None else torch.zeros((), device=self.device)).detach().double() for v in vals])
         self.micro += 1
         self.samples += samples
         self.tokens += tokens
         self.skipped += skipped
+        self.skipped_keys += skipped_keys
         self.data_s += data_s
 
     def reduce(self, world: int) -> dict[str, float]:
         """Average losses over micro-steps and ranks; sum throughput counters over ranks."""
         elapsed = time.perf_counter() - self.t0
-        counters = torch.tensor([self.samples, self.tokens, self.skipped, self.data_s / max(elapsed, 1e-9)],
-                                device=self.device, dtype=torch.float64)
+        counters = torch.tensor([self.samples, self.tokens, self.skipped, len(self.skipped_keys),
+                                 self.data_s / max(elapsed, 1e-9)], device=self.device, dtype=torch.float64)
         packed = torch.cat([self.sums / max(1, self.micro), counters])
         if world > 1:
             dist.all_reduce(packed)
         n = len(self.KEYS)
         means = (packed[:n] / world).tolist()
-        samples, tokens, skipped, wait = packed[n:].tolist()
+        samples, tokens, skipped, named, wait = packed[n:].tolist()
         metrics = dict(zip(self.KEYS, means))
         metrics.update({
             "samples": samples,
             "samples_per_s": samples / elapsed,
             "tokens_per_s": tokens / elapsed,
-            "skipped_samples": skipped,
+            "skipped_reads": skipped,  # bad samples met in the window, re-reads included
+            "skipped_names": named,  # > 0: some rank has names to merge (see `gather_names`)
             "data_wait_fraction": wait / world,
         })
         return metrics
+
+
+def gather_names(names: list[str], world: int) -> list[str]:
+    """Every rank's names, rank 0's first: all ranks get the same list. Called by all ranks, on
+    log steps where some rank has one (a bad sample is rare, an object all-gather is not free)."""
+    if world == 1:
+        return list(names)
+    parts: list[list[str] | None] = [None] * world
+    dist.all_gather_object(parts, list(names))
+    return [n for part in parts for n in part or ()]
+
+
+SKIPPED_TAG_NAMES = 20  # bad samples named in the run's avssl.skipped_samples tag
+
+
+def skipped_tag(names: list[str]) -> str:
+    more = f"\n... and {len(names) - SKIPPED_TAG_NAMES} more" if len(names) > SKIPPED_TAG_NAMES else ""
+    return "\n".join(names[:SKIPPED_TAG_NAMES]) + more
 
 
 def _any_rank(flag: bool, device: torch.device, world: int) -> bool:
@@ -210,19 +259,32 @@ def _any_rank(flag: bool, device: torch.device, world: int) -> bool:
     return bool(t.item())
 
 
-def save_checkpoint(engine, state: TrainState, metrics: dict[str, float], rank: int) -> None:
-    """All ranks: DeepSpeed shards into a fresh local dir, then report it to Ray (a barrier)."""
+def save_checkpoint(engine, state: TrainState, metrics: dict[str, float], rank: int,
+                    run_dir: str | None = None) -> None:
+    """All ranks: DeepSpeed shards into a fresh local dir, then report it to Ray (a barrier), which
+    copies it into `run_dir`. A write the storage refuses (disk full, quota, file size limit), here
+    or in Ray's copy, raises StorageFullError: the driver stops without restarts."""
     import ray.train
 
+    name = f"checkpoint_{state.step:09d}"
     with tempfile.TemporaryDirectory(prefix="avssl-ckpt-") as tmp:
-        engine.save_checkpoint(tmp, tag=DS_TAG)
-        if rank == 0:
-            Path(tmp, STATE_FILE).write_text(json.dumps(state.state_dict()))
-        ray.train.report(
-            {**metrics, "step": state.step},
-            checkpoint=ray.train.Checkpoint.from_directory(tmp),
-            checkpoint_dir_name=f"checkpoint_{state.step:09d}",
-        )
+        where = tmp
+        try:
+            save_engine_checkpoint(engine, tmp, tag=DS_TAG)
+            if rank == 0:
+                Path(tmp, STATE_FILE).write_text(json.dumps(state.state_dict()))
+            where = f"{run_dir}/{name}" if run_dir else name
+            ray.train.report(
+                {**metrics, "step": state.step},
+                checkpoint=ray.train.Checkpoint.from_directory(tmp),
+                checkpoint_dir_name=name,
+            )
+        except Exception as exc:
+            refused = refused_write(exc)
+            if refused is None:
+                raise
+            raise StorageFullError(f"checkpoint at step {state.step} not saved: cannot write "
+                                   f"{describe_refusal(refused, where)}") from exc
 
 
 def restore_checkpoint(engine, state: TrainState) -> bool:
@@ -294,9 +356,10 @@ def train_func(config: dict[str, Any]) -> None:
     preemption = Preemption(Path(config["stop_file"]) if config.get("stop_file") else None)
     window = MetricWindow(device, workload.keys)
     grad_accum = recipe.deepspeed.grad_accum
-    loader.set_epoch(state.epoch, state.batches_in_epoch)
+    loader.set_epoch(state.epoch, state.batches_in_epoch, state.bad_samples)
     batches = iter(loader)
     status = "FINISHED"
+    started, start_step = time.perf_counter(), state.step  # this attempt's pace, for the ETA
     try:
         while state.step < t.total_steps:
             for _ in range(grad_accum):
@@ -305,7 +368,7 @@ def train_func(config: dict[str, Any]) -> None:
                     batch = next(batches)
                 except StopIteration:  # epoch boundary: same number of batches on every rank
                     state.epoch, state.batches_in_epoch = state.epoch + 1, 0
-                    loader.set_epoch(state.epoch)
+                    loader.set_epoch(state.epoch, known_bad=state.bad_samples)
                     batches = iter(loader)
                     batch = next(batches)
                 data_s = time.perf_counter() - t_data
@@ -315,31 +378,35 @@ def train_func(config: dict[str, Any]) -> None:
                 engine.backward(out.loss)
                 engine.step()
                 n = len(batch["meta"])
-                window.add(workload.values(out), n, n * workload.tokens(model, batch), batch["skipped"], data_s)
+                window.add(workload.values(out), n, n * workload.tokens(model, batch), batch["skipped"], data_s,
+                           batch["skipped_keys"])
             state.step += 1
             last = state.step == t.total_steps
             if state.step % t.log_every == 0 or last or state.step % t.checkpoint_every == 0:
                 metrics = window.reduce(world)
                 state.samples_seen += int(metrics.pop("samples"))
+                if metrics.pop("skipped_names") and state.add_skipped(gather_names(window.skipped_keys, world)):
+                    logger.set_tags({"avssl.skipped_samples": skipped_tag(state.bad_samples)})
                 metrics.update({
                     "lr": scheduler.get_last_lr()[0],
                     "grad_norm": float(engine.get_global_grad_norm() or 0.0),
                     "memory_mb": _memory_mb(device),
                     "epoch": state.epoch,
                     "samples_seen": state.samples_seen,
+                    "skipped_samples": state.skipped_samples,  # distinct, over the whole run
                 })
-                state.skipped_samples += int(metrics["skipped_samples"])
                 logger.log_metrics(metrics, step=state.step)
                 if rank == 0:
-                    parts = " ".join(f"{k} {metrics[k]:.4f}" for k in workload.keys)
-                    log.info("step %d/%d %s %.1f samples/s", state.step, t.total_steps, parts, metrics["samples_per_s"])
+                    log.info("%s", progress_line(state.step, t.total_steps, {k: metrics[k] for k in workload.keys},
+                                                 metrics["samples_per_s"], state.skipped_samples,
+                                                 time.perf_counter() - started, state.step - start_step))
                 window.reset()
                 stop = _any_rank(preemption.requested, device, world)
                 if state.step % t.checkpoint_every == 0 or last or stop:
-                    save_checkpoint(engine, state, metrics, rank)
+                    save_checkpoint(engine, state, metrics, rank, config.get("run_dir"))
                 if stop:
                     status = "KILLED"
-                    log.warning("rank %d: SIGTERM received: checkpointed at step %d, exiting", rank, state.step)
+                    log.warning("rank %d: stop requested: checkpointed at step %d, exiting", rank, state.step)
                     break
     finally:
         # Flush only: the driver closes the MLflow run when the whole job ends, so a restarted

@@ -41,7 +41,9 @@ def main() -> None:
     if "--ray" in sys.argv:
         import ray
 
-        local = {} if os.environ.get("RAY_ADDRESS") else {"num_cpus": 1, "include_dashboard": False}
+        # A new local instance unless RAY_ADDRESS names one: ray.init() alone attaches to whatever
+        # instance `ray start` last recorded on this machine.
+        local = {} if os.environ.get("RAY_ADDRESS") else {"address": "local", "num_cpus": 1, "include_dashboard": False}
         ray.init(log_to_driver=False, configure_logging=False, **local)
         print(json.dumps(ray.get(ray.remote(probe).remote())), flush=True)
         ray.shutdown()

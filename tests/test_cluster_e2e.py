@@ -218,16 +218,18 @@ def test_submit_to_token_authenticated_head_with_mlflow_server(corpus, tmp_path)
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=base, start_new_session=True,
     )
     head_env = {**base, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": token}
-    started = subprocess.run(
-        [str(bindir / "ray"), "start", "--head", "--port", str(gcs_port), "--num-cpus", "2", "--include-dashboard", "true",
-         "--dashboard-host", "127.0.0.1", "--dashboard-port", str(dash_port), "--disable-usage-stats"],
-        capture_output=True, text=True, env=head_env, timeout=180,
+    # --block keeps the head's processes in this process group: the test stops exactly them (not
+    # `ray stop`, which would stop every Ray instance on the machine).
+    head = subprocess.Popen(
+        [str(bindir / "ray"), "start", "--head", "--block", "--port", str(gcs_port), "--num-cpus", "2",
+         "--include-dashboard", "true", "--dashboard-host", "127.0.0.1", "--dashboard-port", str(dash_port),
+         "--disable-usage-stats"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=head_env, start_new_session=True,
     )
     address = f"http://127.0.0.1:{dash_port}"
     uri = f"http://127.0.0.1:{mlflow_port}"
     try:
-        assert started.returncode == 0, started.stdout + started.stderr
-        _wait_http(f"{address}/api/version", 120)
+        _wait_http(f"{address}/api/version", 180)
         _wait_http(uri, 120)
         sub = [sys.executable, "-m", "avssl.cli", "submit", "--address", address, "--config", str(TINY),
                *overrides(corpus, tmp_path, "submitted", "trainer.total_steps=8", f"mlflow.tracking_uri={uri}")]
@@ -262,7 +264,15 @@ def test_submit_to_token_authenticated_head_with_mlflow_server(corpus, tmp_path)
         for line in (l for l in lines if l.startswith("{")):
             check_probe(json.loads(line), root=Path(json.loads(line)["ours"]["kernels"]).resolve().parent)
         assert sum(l.startswith("{") for l in lines) == 2, lines[-20:]
+        # With a cluster recorded by `ray start` on this machine, the embedded default still starts
+        # its own private instance instead of attaching to it.
+        local_probe = ("from avssl.cluster.launch import init_ray; import ray; init_ray(None); "
+                       "print(ray.get_runtime_context().gcs_address)")
+        own = subprocess.run([sys.executable, "-c", local_probe], capture_output=True, text=True, timeout=180, env=base)
+        assert own.returncode == 0, own.stderr[-3000:]
+        assert own.stdout.strip().splitlines()[-1].rsplit(":", 1)[1] != str(gcs_port), own.stdout
     finally:
-        subprocess.run([str(bindir / "ray"), "stop", "--force"], capture_output=True, env=head_env, timeout=120)
+        os.killpg(head.pid, signal.SIGTERM)
+        head.wait(timeout=60)
         os.killpg(mlflow.pid, signal.SIGTERM)
         mlflow.wait(timeout=30)

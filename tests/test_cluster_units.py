@@ -44,6 +44,22 @@ def test_mismatched_geometry_names_the_fix():
         load_config(PretrainRecipe, REPO / "configs/pretrain/tiny.yaml", ["model.audio_num_mel_bins=128"])
 
 
+def test_model_input_sizes_follow_the_data_pipeline():
+    """The model's input sizes have one source: a recipe that does not state them takes them from
+    features and data.clip_seconds (pretraining and finetuning alike); an override of the features
+    moves the model with it."""
+    from avssl.finetune.recipe import FinetuneRecipe
+
+    for cls, path in ((PretrainRecipe, "configs/pretrain/tiny.yaml"), (FinetuneRecipe, "configs/finetune/speaker.yaml")):
+        stated = set(yaml.safe_load((REPO / path).read_text())["model"])
+        assert not {"audio_num_mel_bins", "audio_num_frames", "video_image_size", "video_num_frames"} & stated
+        recipe = load_config(cls, REPO / path, ["features.num_mel_bins=80", "features.image_size=48", "features.num_frames=3",
+                                                "data.clip_seconds=1.5"])
+        m = recipe.model
+        assert (m.audio_num_mel_bins, m.video_image_size, m.video_num_frames) == (80, 48, 3)
+        assert m.audio_num_frames == recipe.features.num_audio_frames(1.5) == 148
+
+
 def test_derived_values():
     """Effective batch = micro x accumulation x world; absolute lr = base lr x effective / 256."""
     recipe = load_config(PretrainRecipe, REPO / "configs/pretrain/demo.yaml", ["deepspeed.grad_accum=2"])
@@ -69,6 +85,33 @@ def test_warmup_cosine_schedule():
     assert f(0) == pytest.approx(0.1) and f(9) == pytest.approx(1.0)
     assert f(60) == pytest.approx(0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * 0.5)))
     assert f(110) == pytest.approx(0.1) and f(500) == pytest.approx(0.1)
+
+
+def _reference_warmup_cosine(step: int, warmup_steps: int, total_steps: int, min_ratio: float) -> float:
+    """A copy of the schedule's formula: a change to warmup_cosine (a library scheduler a step off) fails below."""
+    if step < warmup_steps:
+        return (step + 1) / warmup_steps
+    progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
+    return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+@pytest.mark.parametrize("warmup, total, min_ratio", [
+    (0, 50, 0.0), (0, 1, 0.3), (1, 7, 0.0), (10, 110, 0.1), (20, 100, 0.0), (5, 5, 0.2), (30, 20, 0.05), (100, 200, 1.0),
+])
+def test_warmup_cosine_multiplier_is_unchanged_at_every_step(warmup, total, min_ratio):
+    """The lr multiplier equals the reference at every step up to twice the run length (warmup 0, warmup
+    past the end and a flat floor included), and LambdaLR hands exactly those values to the optimizer."""
+    f = warmup_cosine(warmup, total, min_ratio)
+    steps = range(2 * max(total, warmup) + 3)
+    assert [f(k) for k in steps] == [_reference_warmup_cosine(k, warmup, total, min_ratio) for k in steps]
+    opt = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=1.0)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, f)
+    lrs = []
+    for _ in steps:
+        lrs.append(opt.param_groups[0]["lr"])
+        opt.step()
+        sched.step()
+    assert lrs == [_reference_warmup_cosine(k, warmup, total, min_ratio) for k in steps]
 
 
 def test_param_groups_exclude_norms_and_biases_from_decay():

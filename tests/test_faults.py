@@ -11,15 +11,26 @@
 | a found token is not sent; 401 reads as "cannot reach"        | test_job_token_is_found_sent_and_a_refusal_is_told_apart_from_no_server |
 | `data inspect` crashes on damaged shards, `stats` drops silently | test_inspect_and_stats_name_the_damaged_shards_and_samples |
 | `predict` tracebacks on mixed model sizes, pads short clips silently | test_predict_refuses_a_release_of_two_model_sizes_and_warns_when_padding_a_short_clip |
+| skipped samples counted per re-read, per window, never in the console | test_skipped_samples_are_counted_once_each_across_epochs_and_resume_and_shown_everywhere |
+| the console line has no elapsed time or ETA                   | test_the_progress_line_carries_step_loss_rate_elapsed_and_eta_once_per_log_step |
+| Ray prints an ERROR line about its PreemptionWatcher on every run | test_rays_preemption_watcher_false_alarm_is_dropped_and_other_ray_errors_are_kept |
+| registered model versions carry no description, tags or signature | test_a_registered_model_version_has_a_description_tags_and_an_input_signature |
+| Ctrl-C trains on, exits 1 silently, resumes from an older step  | test_ctrl_c_to_the_driver_or_its_process_group_checkpoints_at_that_step_and_the_rerun_resumes_there |
+| SIGTERM to the process group ends in 'Failed to connect to GCS' | test_sigterm_to_the_process_group_checkpoints_and_exits_143_with_ray_still_up |
+| a full disk: restarts, a traceback, a partial checkpoint, RUNNING | test_a_full_disk_at_checkpoint_time_stops_at_once_keeping_the_previous_checkpoint |
+| no readable shard: every restart spent, then a traceback        | test_a_corpus_with_no_readable_shard_stops_before_any_worker_starts |
 """
 
 from __future__ import annotations
 
 import http.server
+import io
 import json
 import logging
 import os
+import re
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -254,6 +265,8 @@ for p in [me] + me.children(recursive=True):
         pass
 print("NODE", ray.util.get_node_ip_address())
 print("LISTEN", sorted(set(listening)))
+seen = ray.get(ray.remote(lambda: __import__("os").environ.get("RAY_ADDRESS")).remote())
+print("ADDRESS", ray.get_runtime_context().gcs_address, seen, __import__("os").environ.get("RAY_ADDRESS"))
 ray.shutdown()
 """
 
@@ -272,6 +285,11 @@ def test_the_local_ray_instance_listens_on_loopback_only(tmp_path):
     assert listening, "found no listening socket to check"
     exposed = [(name, ip) for name, ip in listening if ip not in ("127.0.0.1", "::1", "::ffff:127.0.0.1")]
     assert not exposed, f"listening beyond loopback: {exposed}"
+    # Its processes know its address (Ray Train's placement-group cleaner asks the state API with no
+    # address of its own: a guess among several instances on the machine picks another), and the
+    # driver's environment is left as it was.
+    gcs, seen, driver = next(line for line in proc.stdout.splitlines() if line.startswith("ADDRESS")).split()[1:]
+    assert gcs.startswith("127.0.0.1:") and seen == gcs and driver == "None"
 
 
 def test_tracking_credentials_never_reach_the_model_card_config_or_params():
@@ -449,3 +467,407 @@ def test_predict_refuses_a_release_of_two_model_sizes_and_warns_when_padding_a_s
         assert main(["predict", str(clip), str(short), "--task", "emotion", "--checkpoint", str(tiny), "--device", "cpu"]) == 0
     warned = [r.getMessage() for r in caplog.records if r.name == "avssl.inference"]
     assert len(warned) == 1 and "short.wav" in warned[0] and "5 ms" in warned[0] and "0.995 s" in warned[0]
+
+
+# ----------------------------------------------------------------------------- a damaged corpus, end to end
+
+DAMAGED = ("train-000002.tar", "train-000003.tar:spk9/garbage")  # what the fixture breaks, as the run names it
+
+
+@pytest.fixture(scope="module")
+def damaged_run(tmp_path_factory) -> dict:
+    """One tiny pretraining (16 steps: 5 epochs of 3 steps and a bit) on a corpus with one shard of
+    random bytes and one sample of garbage audio, registered in MLflow: shared by the tests below."""
+    from avssl.config import load_config
+    from avssl.data.corpus import CorpusRecipe, synthesize_corpus
+    from avssl.data.shards import iter_raw_samples
+
+    root = tmp_path_factory.mktemp("damaged")
+    corpus = root / "tiny"
+    synthesize_corpus(load_config(CorpusRecipe, REPO / "configs/data/tiny.yaml"), corpus)
+    (corpus / "train-000002.tar").write_bytes(np.random.default_rng(0).bytes(20000))  # rank 0 reads it
+    meta = next(iter_raw_samples([corpus / "train-000000.tar"]))["json"]
+    with tarfile.open(corpus / "train-000003.tar", "a") as tar:  # rank 1 reads it
+        for ext, data in (("json", meta), ("flac", b"not audio")):
+            info = tarfile.TarInfo(f"spk9/garbage.{ext}")
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "MLFLOW_TRACKING_URI", "AVSSL_VERBOSE")}
+    env.update(AVSSL_PROGRESS="0", PYTHONUNBUFFERED="1", RAY_DEDUP_LOGS="0")
+    cmd = [sys.executable, "-m", "avssl.cli", "pretrain", "--config", str(TINY),
+           *sets(f"data.corpus={corpus}", f"trainer.storage_path={root / 'runs'}", "trainer.name=damaged",
+                 "trainer.total_steps=16", "mlflow.register_model=avssl-faults")]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=420, env=env, cwd=REPO)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 0, out[-4000:]
+    return {"out": out, "stdout": proc.stdout, "corpus": corpus, "run_dir": root / "runs" / "damaged",
+            "uri": f"sqlite:///{root / 'runs' / 'mlflow.db'}"}
+
+
+def _mlflow_run(damaged_run: dict):
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(damaged_run["uri"])
+    (run,) = client.search_runs([client.get_experiment_by_name("avssl-tests").experiment_id],
+                                filter_string="tags.`avssl.run_name` = 'damaged'")
+    return client, run
+
+
+@pytest.mark.slow
+def test_skipped_samples_are_counted_once_each_across_epochs_and_resume_and_shown_everywhere(damaged_run):
+    """Defect: each log window's skipped count went to MLflow, the total lived only in the checkpoint,
+    the summary showed the last window, and a damaged shard re-read every epoch (or after a restart)
+    counted again. Now the run keeps the distinct bad samples (shard:key, or the shard) in its train
+    state: MLflow's skipped_samples, the console line and the summary say 2 after 5 epochs that met
+    them again and again, the names are an MLflow tag, and a resumed state does not count them twice."""
+    from avssl.cluster.train import TrainState
+
+    client, run = _mlflow_run(damaged_run)
+    history = {m.step: m.value for m in client.get_metric_history(run.info.run_id, "skipped_samples")}
+    reads = sum(m.value for m in client.get_metric_history(run.info.run_id, "skipped_reads"))
+    assert sorted(history) == [4, 8, 12, 16] and history[16] == 2
+    assert reads > 4 and run.data.metrics["epoch"] >= 2  # both were met again, in later epochs too
+    assert run.data.tags["avssl.skipped_samples"].splitlines() == sorted(DAMAGED)  # ranks' names merge in rank order
+    state = json.loads((damaged_run["run_dir"] / "checkpoint_000000016" / "train_state.json").read_text())
+    assert state["skipped_samples"] == 2 and sorted(state["bad_samples"]) == sorted(DAMAGED)
+    summary = damaged_run["stdout"].replace("\n", " ")
+    assert "skipped samples: 2 distinct" in summary and all(name in summary for name in DAMAGED)
+    assert "| skipped 2 |" in [line for line in damaged_run["out"].splitlines() if "step 16/16" in line][0]
+
+    resumed = TrainState()  # what a restarted worker reads back, meeting both again
+    resumed.load_state_dict(state)
+    assert resumed.add_skipped([DAMAGED[1], DAMAGED[0], DAMAGED[1]]) == [] and resumed.skipped_samples == 2
+    assert resumed.add_skipped(["train-000001.tar:spk0/x"]) == ["train-000001.tar:spk0/x"] and resumed.skipped_samples == 3
+
+
+@pytest.mark.slow
+def test_the_progress_line_carries_step_loss_rate_elapsed_and_eta_once_per_log_step(damaged_run):
+    """Defect: the console line had step, losses and samples/s but no elapsed time or ETA. Now rank 0
+    (only) prints, at every log step, step/total, loss, samples/s, skipped, elapsed and ETA; on a
+    terminal the driver draws those lines in place instead of scrolling them."""
+    from avssl.cluster.console import ForwardedOutput
+
+    pattern = re.compile(r"step (\d+)/16 \| loss \d+\.\d{4} .*\| \d+\.\d samples/s \| skipped \d+ \| "
+                         r"elapsed \d+:\d\d:\d\d \| ETA \d+:\d\d:\d\d$")
+    steps = [int(m[1]) for line in damaged_run["out"].splitlines() if (m := pattern.search(line))]
+    assert steps == [4, 8, 12, 16], steps
+    assert re.search(r"step 16/16 .* ETA 0:00:00$", damaged_run["out"], re.M)
+
+    printed: list[list[str]] = []
+    console = ForwardedOutput(lambda data: printed.append(data["lines"]), verbose=False, live=True)
+    line = "step 4/16 | loss 2.9074 | 11.7 samples/s | skipped 0 | elapsed 0:00:02 | ETA 0:00:08"
+    console({"lines": [line, "starting at step 0/16"], "is_err": True, "pid": 1})
+    assert printed == [["starting at step 0/16"]] and console.live.last == (4, 16)
+    console({"lines": [line.replace("step 4/16", "step 16/16")], "is_err": True, "pid": 1})
+    assert printed == [["starting at step 0/16"]] and console.live.progress is None  # closed at the total
+
+
+# The line Ray 2.60's core worker logs from Ray Train's controller on every run (see cluster/console.py),
+# without its closing link.
+WATCHER_ALARM = ("[2026-12-04 19:53:51,662 E 10738 10767] core_worker.cc:2465: Actor with class name: "
+                 "'PreemptionWatcher' and ID: 'c1c51176a0c080ba5773012b01000000' has constructor arguments in the "
+                 "object store and max_restarts > 0. If the arguments in the object store go out of scope or are "
+                 "lost, the actor restart will fail.")
+
+
+@pytest.mark.slow
+def test_rays_preemption_watcher_false_alarm_is_dropped_and_other_ray_errors_are_kept(damaged_run):
+    """Defect: every run printed an ERROR line from Ray Core about Ray Train's PreemptionWatcher actor
+    (a warning that cannot apply: its arguments are the workers' handles). Now that one line is dropped
+    from the forwarded output unless `avssl -v`; the same warning about another actor, and any other
+    error, still reach the console."""
+    from avssl.cluster.console import ForwardedOutput
+
+    assert "PreemptionWatcher" not in damaged_run["out"]
+    assert "(TrainController pid=" in damaged_run["out"]  # the controller's other output still comes through
+
+    other = WATCHER_ALARM.replace("'PreemptionWatcher'", "'MyActor'")
+    died = "[2026-12-04 19:53:52,001 E 10738 10767] core_worker.cc:812: The worker died unexpectedly."
+    for verbose, kept in ((False, [other, died]), (True, [WATCHER_ALARM, other, died])):
+        printed: list[list[str]] = []
+        ForwardedOutput(lambda data: printed.append(data["lines"]), verbose=verbose, live=False)(
+            {"lines": [WATCHER_ALARM, other, died], "is_err": True, "pid": 2})
+        assert printed == [kept]
+    printed = []
+    ForwardedOutput(lambda data: printed.append(data["lines"]), verbose=False, live=False)({"lines": [WATCHER_ALARM]})
+    assert printed == []  # nothing left: nothing printed, not an empty prefix line
+
+
+@pytest.mark.slow
+def test_the_console_carries_no_framework_dumps_and_the_summary_opens_mlflow(damaged_run):
+    """Defect: DeepSpeed's and Ray Train's INFO messages (engine set-up, configs, a TrainingReport from
+    every rank at every checkpoint) filled the console before and between avssl's lines, and the
+    summary did not say how to see the run. Now their warnings only reach the console (`avssl -v`
+    brings the rest back), no traceback appears in a run that succeeds (Ray Train's placement-group
+    cleaner once failed to find its instance among several on the machine), and the summary ends
+    with the command that opens the MLflow UI on the run's store."""
+    lines = damaged_run["out"].splitlines()
+    dumps = [line for line in lines if "TrainingReport" in line or "[INFO]" in line or "Traceback" in line]
+    assert not dumps, "\n".join(dumps[:20])
+    first = next(i for i, line in enumerate(lines) if "starting at step 0/16" in line)
+    assert sum("DeepSpeed" in line or "ray.train" in line for line in lines[:first]) <= 8, "\n".join(lines[:first])
+    summary = " ".join(damaged_run["stdout"].split())
+    assert "MLflow UI: " in summary and f"mlflow ui --backend-store-uri {damaged_run['uri']}" in summary
+
+
+@pytest.mark.slow
+def test_a_registered_model_version_has_a_description_tags_and_an_input_signature(damaged_run, tmp_path):
+    """Defect: `mlflow.register_model` created versions with no description, no tags and no signature.
+    Now each version says architecture, parameters, corpus and its index hash, steps, objectives and
+    final losses, is tagged with them, and its MLmodel gives the input signature the backbone takes."""
+    import hashlib
+
+    import mlflow
+
+    client, run = _mlflow_run(damaged_run)
+    (version,) = client.search_model_versions("name='avssl-faults'")
+    version = client.get_model_version("avssl-faults", version.version)
+    corpus_hash = hashlib.sha256((damaged_run["corpus"] / "index.json").read_bytes()).hexdigest()
+    assert version.run_id == run.info.run_id
+    for fact in ("avvit_tiny_patch16", "parameters", "16 steps", str(damaged_run["corpus"]), corpus_hash,
+                 "objectives: loss_contrastive, loss_rec_audio, loss_rec_video", f"loss {run.data.metrics['loss']:.4g}"):
+        assert fact in version.description, (fact, version.description)
+    assert version.tags["arch"] == "avvit_tiny_patch16" and version.tags["steps"] == "16"
+    assert version.tags["corpus_hash"] == corpus_hash
+    assert version.tags["objectives"] == "loss_contrastive,loss_rec_audio,loss_rec_video"  # segment weight is 0
+    assert int(version.tags["parameters"]) > 1_000_000
+
+    # The files `models:/avssl-faults/VERSION` resolves to, fetched without setting this process's tracking URI.
+    files = mlflow.artifacts.download_artifacts(client.get_model_version_download_uri("avssl-faults", version.version),
+                                                dst_path=str(tmp_path), tracking_uri=damaged_run["uri"])
+    signature = mlflow.models.Model.load(files).signature
+    inputs = {spec.name: (spec.type, spec.shape) for spec in signature.inputs.inputs}
+    assert inputs == {"audio": (np.dtype("float32"), (-1, 98, 64)), "video": (np.dtype("float32"), (-1, 2, 3, 32, 32))}
+
+
+# ----------------------------------------------------------------------------- clean stops
+
+# Steps enough that no run below reaches its end before the signal: each stops at its next log step.
+STOPPABLE = ("trainer.total_steps=80", "trainer.export=false")
+
+
+@pytest.fixture(scope="module")
+def stop_corpus(tmp_path_factory) -> Path:
+    from avssl.config import load_config
+    from avssl.data.corpus import CorpusRecipe, synthesize_corpus
+
+    out = tmp_path_factory.mktemp("stops") / "tiny"
+    synthesize_corpus(load_config(CorpusRecipe, REPO / "configs/data/tiny.yaml"), out)
+    return out
+
+
+def _pretrain_cmd(corpus: Path, storage: Path, name: str, *extra: str) -> list[str]:
+    return [sys.executable, "-m", "avssl.cli", "pretrain", "--config", str(TINY),
+            *sets(f"data.corpus={corpus}", f"trainer.storage_path={storage}", f"trainer.name={name}", *extra)]
+
+
+def _run_env() -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "MLFLOW_TRACKING_URI", "AVSSL_VERBOSE")}
+    env.update(AVSSL_PROGRESS="0", PYTHONUNBUFFERED="1", RAY_DEDUP_LOGS="0")
+    return env
+
+
+def _signal_once_training(cmd: list[str], run_dir: Path, send) -> tuple[int, str, dict]:
+    """Start `cmd` in a process group of its own (as a terminal starts a job), wait
+    until rank 0 has restored and begun training (its placement record), call `send(pid)`, and
+    return the exit status, the output and that placement record."""
+    placement = run_dir / "avssl" / "placement" / "rank_0.json"
+    placement.unlink(missing_ok=True)
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=_run_env(), cwd=REPO,
+                            start_new_session=True)
+    lines: list[str] = []
+    reader = threading.Thread(target=lambda: lines.extend(iter(proc.stdout.readline, "")), daemon=True)
+    reader.start()
+    end = time.monotonic() + 300
+    while not placement.is_file():
+        assert proc.poll() is None and time.monotonic() < end, "".join(lines)[-4000:]
+        time.sleep(0.3)
+    started = json.loads(placement.read_text())
+    send(proc.pid)
+    proc.wait(timeout=300)
+    reader.join(timeout=30)
+    return proc.returncode, "".join(lines), started
+
+
+STOPPED = re.compile(r"^stopped at step (\d+) on (SIG\w+); checkpoint saved \((\S+)\); resume with: (avssl pretrain .*)$")
+
+
+def _stopped_line(out: str) -> re.Match:
+    last = [line for line in out.splitlines() if line.strip()][-1]
+    match = STOPPED.match(last)
+    assert match, out[-4000:]
+    return match
+
+
+def _run_status(storage: Path, name: str, uri: str | None = None) -> str:
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(uri or f"sqlite:///{storage}/mlflow.db")
+    (run,) = client.search_runs([client.get_experiment_by_name("avssl-tests").experiment_id],
+                                filter_string=f"tags.`avssl.run_name` = '{name}'")
+    return run.info.status
+
+
+@pytest.mark.slow
+def test_ctrl_c_to_the_driver_or_its_process_group_checkpoints_at_that_step_and_the_rerun_resumes_there(stop_corpus, tmp_path):
+    """Defect: Ctrl-C let training go on, then exited 1 with no message, and the re-run resumed from an
+    older step. Now SIGINT, to the driver or (as a terminal sends it) to its whole process group,
+    checkpoints at the next log step, marks the MLflow run KILLED and ends with exit 130 and one line:
+    the step, the checkpoint and the command to resume; the re-run resumes from exactly that step."""
+    from avssl.cluster.checkpoint import complete_checkpoints
+
+    run_dir = tmp_path / "ctrlc"
+    cmd = _pretrain_cmd(stop_corpus, tmp_path, "ctrlc", *STOPPABLE)
+    rc, out, started = _signal_once_training(cmd, run_dir, lambda pid: os.kill(pid, signal.SIGINT))
+    assert rc == 130, out[-4000:]
+    line = _stopped_line(out)
+    first = int(line[1])
+    assert line[2] == "SIGINT" and line[3] == str(run_dir / f"checkpoint_{first:09d}") and not started["resumed"]
+    assert "trainer.name=ctrlc" in line[4] and line[4].startswith("avssl pretrain --config ")
+    assert int((run_dir / "avssl" / "PREEMPTED").read_text()) == first
+    assert complete_checkpoints(run_dir)[-1].name == f"checkpoint_{first:09d}"
+    assert _run_status(tmp_path, "ctrlc") == "KILLED"
+
+    rc, out, started = _signal_once_training(cmd, run_dir, lambda pid: os.killpg(pid, signal.SIGINT))
+    assert rc == 130, out[-4000:]
+    assert started["resumed"] and started["start_step"] == first, started  # the newest step, not an older checkpoint
+    line = _stopped_line(out)
+    second = int(line[1])
+    assert line[2] == "SIGINT" and second > first
+    assert complete_checkpoints(run_dir)[-1].name == f"checkpoint_{second:09d}"
+    assert _run_status(tmp_path, "ctrlc") == "KILLED"
+
+
+@pytest.mark.slow
+def test_sigterm_to_the_process_group_checkpoints_and_exits_143_with_ray_still_up(stop_corpus, tmp_path):
+    """Defect: SIGTERM to the driver's whole process group also killed the local Ray instance's GCS and
+    raylet: the checkpoint was saved, but the run exited 1 with 'Failed to connect to GCS'. Now those
+    processes keep SIGTERM blocked, the driver alone acts on it: checkpoint, MLflow KILLED, exit 143
+    and the one line naming the step and the command that resumes."""
+    from avssl.cluster.checkpoint import complete_checkpoints
+
+    run_dir = tmp_path / "grouped"
+    rc, out, _ = _signal_once_training(_pretrain_cmd(stop_corpus, tmp_path, "grouped", *STOPPABLE), run_dir,
+                                       lambda pid: os.killpg(pid, signal.SIGTERM))
+    assert rc == 143, out[-4000:]
+    assert "Failed to connect to GCS" not in out
+    line = _stopped_line(out)
+    assert line[2] == "SIGTERM" and complete_checkpoints(run_dir)[-1].name == f"checkpoint_{int(line[1]):09d}"
+    assert _run_status(tmp_path, "grouped") == "KILLED"
+
+
+class _OneFileEngine:
+    """What `save_engine_checkpoint` drives: DeepSpeed's checkpoint engine writing one 4 MB file."""
+
+    def __init__(self) -> None:
+        from deepspeed.runtime.checkpoint_engine.torch_checkpoint_engine import TorchCheckpointEngine
+
+        self.checkpoint_engine = TorchCheckpointEngine()
+        self.checkpoint_engine.zipfile_serialization = True  # DeepSpeed's default, which avssl's engines keep
+
+    def save_checkpoint(self, directory: str, tag: str) -> None:
+        Path(directory, tag).mkdir(parents=True)
+        self.checkpoint_engine.save({"w": torch.zeros(1_000_000)}, str(Path(directory, tag, "model_states.pt")))
+
+
+# Runs `avssl pretrain` on a tmpfs of $1 mounted at $2, in a mount namespace of its own (a user
+# namespace maps this user to its root, so no privilege is needed), then copies what the run left
+# there to $OUT (the tmpfs ends with the namespace) and exits with the run's status.
+SMALL_DISK = 'disk="$2"; mount -t tmpfs -o size="$1" tmpfs "$disk" || exit 99; shift 2; "$@"; rc=$?; cp -a "$disk/." "$OUT/"; exit $rc'
+
+
+@pytest.mark.slow
+def test_a_full_disk_at_checkpoint_time_stops_at_once_keeping_the_previous_checkpoint(stop_corpus, tmp_path):
+    """Defect: a full disk at checkpoint time cost four restarts, ended in a traceback with 'No space left
+    on device' at its end, left a partial checkpoint behind and the MLflow run RUNNING. Now a write the
+    storage refuses stops the run at once (no restart), exit 1, one line naming the path, the error and
+    the step a re-run resumes from; the partial checkpoint is removed, the previous one is intact and
+    the MLflow run is FAILED. The disk is a real one that fills: a 64 MB tmpfs, which holds one tiny
+    checkpoint (41 MB) but not two. (RLIMIT_FSIZE cannot stand in: the raylet's object store is a
+    multi-GB file in /dev/shm, so Ray itself dies at start; and a per-file limit fails every save.)"""
+    import resource
+
+    from avssl.cluster.checkpoint import complete_checkpoints, describe_refusal, refused_write, save_engine_checkpoint
+
+    # DeepSpeed's own write says only "file write failed"; through avssl's, the errno and the file come out.
+    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (1_000_000, hard))
+    try:
+        with pytest.raises(OSError) as refused:
+            save_engine_checkpoint(_OneFileEngine(), tmp_path / "local", tag="ds")
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+    assert refused_write(refused.value) is refused.value
+    assert describe_refusal(refused.value, "?") == f"{tmp_path / 'local' / 'ds' / 'model_states.pt'}: File too large (EFBIG)"
+
+    if shutil.which("unshare") is None or subprocess.run(["unshare", "--user", "--map-root-user", "--mount", "true"],
+                                                         capture_output=True).returncode != 0:
+        pytest.skip("needs unshare and user namespaces for a small private tmpfs")
+    small, out = tmp_path / "small", tmp_path / "out"
+    small.mkdir()
+    out.mkdir()
+    uri = f"sqlite:///{tmp_path}/mlflow.db"  # tracking off the full disk, so the run's end can be recorded
+    cmd = _pretrain_cmd(stop_corpus, small, "full", "trainer.total_steps=24", "trainer.export=false", f"mlflow.tracking_uri={uri}")
+    proc = subprocess.run(["unshare", "--user", "--map-root-user", "--mount", "sh", "-c", SMALL_DISK, "sh", "64m", str(small),
+                           *cmd], capture_output=True, text=True, timeout=420, env={**_run_env(), "OUT": str(out)}, cwd=REPO)
+    printed = proc.stdout + proc.stderr
+    assert proc.returncode == 1, printed[-4000:]
+    last = [line for line in printed.splitlines() if line.strip()][-1]
+    assert last.startswith(f"error: run full stopped: checkpoint at step 16 not saved: cannot write "
+                           f"{small / 'full' / 'checkpoint_000000016'}: No space left on device (ENOSPC). "), last
+    assert "resume from step 8 (checkpoint_000000008, intact); removed the partial checkpoint_000000016" in last
+    assert "restart 1 of" not in printed  # stopped at the first failure
+    run_dir = out / "full"
+    assert [p.name for p in complete_checkpoints(run_dir)] == ["checkpoint_000000008"]
+    assert not (run_dir / "checkpoint_000000016").exists()
+    assert json.loads((run_dir / "checkpoint_000000008" / "train_state.json").read_text())["step"] == 8
+    assert _run_status(tmp_path, "full", uri) == "FAILED"
+
+
+def test_a_corpus_with_no_readable_shard_stops_before_any_worker_starts(tmp_path, capsys):
+    """Defect: a corpus whose every shard is bad spent all trainer.max_failures restarts, then ended in a
+    traceback with the message at its end. Now the driver finds no readable shard before starting Ray
+    and exits 2 with one line naming the corpus, the shards and `avssl data inspect`; and a worker
+    that meets only unreadable shards mid-run (the loader's NoRestartError, re-raised by torch's
+    DataLoader with the traceback as its text) stops the run at once instead of restarting."""
+    import pickle
+
+    from ray.train import WorkerGroupError
+    from ray.train.v2._internal.exceptions import UserExceptionWithTraceback
+
+    from avssl import NoRestartError
+    from avssl.cluster.config import PretrainRecipe
+    from avssl.cluster.launch import message_of, no_restart_error, stop_message
+    from avssl.config import load_config
+    from avssl.data.shards import CorpusWriter, ShardConfig
+    from avssl.data.stats import compute_stats
+    from test_data_pipeline import make_clip
+
+    corpus = tmp_path / "corpus"
+    with CorpusWriter(corpus, ShardConfig(max_count=2), dataset="test") as w:
+        for i in range(4):
+            w.write(make_clip(i, video=False))
+    compute_stats(corpus, load_config(PretrainRecipe, TINY).features)
+    shards = sorted(corpus.glob("train-*.tar"))
+    for i, shard in enumerate(shards):
+        shard.write_bytes(np.random.default_rng(i).bytes(4000))
+
+    t0 = time.monotonic()
+    code = main(["pretrain", "--config", str(TINY), *sets(f"data.corpus={corpus}", f"trainer.storage_path={tmp_path / 'runs'}")])
+    err = capsys.readouterr().err
+    assert code == 2 and time.monotonic() - t0 < 60
+    assert len(err.strip().splitlines()) == 1 and "Traceback" not in err, err
+    assert f"corpus {corpus}: no readable shard in split 'train'" in err and f"avssl data inspect {corpus} --split train" in err
+    assert f"{len(shards)} unreadable shards: {shards[0].name}" in err
+    assert not any((tmp_path / "runs").glob("*/checkpoint_*"))
+
+    loader_text = ("Caught NoRestartError in DataLoader worker process 0.\nOriginal Traceback (most recent call last):\n"
+                   "  File \"loader.py\", line 1, in tar_error\navssl.NoRestartError: 64 shard reads in a row failed")
+    failure = pickle.loads(pickle.dumps(WorkerGroupError("rank 1 failed", {
+        0: UserExceptionWithTraceback(RuntimeError("collective aborted"), "RuntimeError: collective aborted"),
+        1: UserExceptionWithTraceback(NoRestartError(loader_text), loader_text)})))
+    fatal = no_restart_error(failure)
+    assert isinstance(fatal, NoRestartError) and message_of(fatal) == "64 shard reads in a row failed"
+    assert str(stop_message(fatal, "tiny", tmp_path)) == "run tiny stopped: 64 shard reads in a row failed"
+    crashed = WorkerGroupError("rank 0 died", {0: UserExceptionWithTraceback(RuntimeError("x"), "RuntimeError: x")})
+    assert no_restart_error(crashed) is None  # an ordinary failure is still restarted

@@ -10,7 +10,11 @@ Built for many ranks x many DataLoader workers:
   data. Shuffling: shard order (seeded by seed, epoch, rank, worker) and a sample buffer.
 - Decoding and features run inside the DataLoader workers.
 - A corrupt, truncated or empty sample is skipped, counted and reported: every batch carries
-  `skipped`, the number of samples dropped by its worker since its previous batch.
+  `skipped`, the number of samples dropped by its worker since its previous batch, and
+  `skipped_keys`, the names of the bad samples that worker met for the first time since then
+  (`<shard file>:<sample key>`, or `<shard file>` when the shard itself cannot be read). A
+  damaged shard is met again on every resampled draw and every epoch: `skipped` counts each
+  meeting, a name is sent once per worker, and the training loop keeps the run's distinct set.
 
 Batch layout (B samples; missing modalities are zero-filled and flagged):
   audio     float32 [B, T, F]        normalized log-mel fbank (T = frames in clip_seconds)
@@ -20,24 +24,26 @@ Batch layout (B samples; missing modalities are zero-filled and flagged):
   is_spoof  int64 [B]  1 spoof, 0 bona fide
   meta      list[dict] the samples' metadata (speaker, utterance, attack, ...)
   skipped   int
+  skipped_keys list[str]
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import random
 import zlib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator, Literal
+from typing import Any, Iterable, Iterator, Literal
 
 import numpy as np
 import torch
 from pydantic import Field, field_validator
 from torch.utils.data import IterableDataset, get_worker_info
 
-from avssl import AvsslError
+from avssl import AvsslError, NoRestartError
 from avssl.config import Section
 from avssl.data.features import (
     FbankStats,
@@ -153,28 +159,46 @@ def bona_fide(source: Iterator[dict[str, Any]]) -> Iterator[dict[str, Any]]:
 
 @dataclass
 class SampleDecoder:
-    """Turns raw samples into feature examples; skips and counts the ones that fail."""
+    """Turns raw samples into feature examples; skips and counts the ones that fail, and names
+    each bad sample or shard once (see `skipped_keys` in the module docstring)."""
 
     data: DataConfig
     features: FeatureConfig
     stats: FbankStats
     rank: int
-    skipped: int = 0
+    skipped: int = 0  # bad samples and unreadable shard reads met, each meeting counted
     epoch: int = 0
     failed_in_a_row: int = 0  # unreadable shard reads since the last good sample
+    bad: list[str] = field(default_factory=list)  # distinct names met by this worker, in order
+    _known: set[str] = field(default_factory=set, repr=False)
 
-    def tar_error(self, exn: Exception) -> bool:
+    def _skip(self, name: str, message: str, *args: Any) -> None:
+        """Count one bad read; warn and record its name the first time this worker meets it."""
+        self.skipped += 1
+        if name not in self._known:
+            self._known.add(name)
+            self.bad.append(name)
+            log.warning(message, *args)
+
+    def read_shards(self, source: Iterator[dict[str, str]]) -> Iterator[dict[str, Any]]:
+        """Pipeline stage: {"url"} -> raw samples, each shard read with an error handler that
+        knows its url (webdataset's exceptions do not always carry it)."""
+        from webdataset.tariterators import tarfile_samples
+
+        for item in source:
+            yield from tarfile_samples([item], handler=functools.partial(self.tar_error, url=item["url"]))
+
+    def tar_error(self, exn: Exception, url: str | None = None) -> bool:
         """webdataset handler for unreadable shards (truncated tar): count, warn, continue; but
         when reads keep failing with no good sample in between (the corpus was moved, deleted or
         unmounted), stop with an error instead of spinning on shards that are not there."""
-        self.skipped += 1
         self.failed_in_a_row += 1
         if self.failed_in_a_row >= MAX_FAILED_READS_IN_A_ROW:
-            raise AvsslError(
+            raise NoRestartError(  # a restart would read the same shards
                 f"{self.failed_in_a_row} shard reads in a row failed without one readable sample (last: {exn}); "
                 f"check that the corpus at {self.data.corpus} is complete and reachable from every node "
                 f"(`avssl data inspect {self.data.corpus}`), then re-run to resume")
-        log.warning("skipping unreadable shard data: %s", exn)
+        self._skip(Path(url).name if url else "unknown shard", "skipping unreadable shard data: %s", exn)
         return True
 
     def __call__(self, source: Iterator[dict[str, Any]]) -> Iterator[dict[str, Any]]:
@@ -187,8 +211,8 @@ class SampleDecoder:
                 self.failed_in_a_row = 0
                 yield example
             except Exception as exc:  # one bad sample must never end a long run
-                self.skipped += 1
-                log.warning("skipping sample %s from %s: %s", sample.get("__key__"), sample.get("__url__"), exc)
+                url, key = sample.get("__url__"), sample.get("__key__")
+                self._skip(f"{Path(str(url)).name}:{key}", "skipping sample %s from %s: %s", key, url, exc)
 
     def example(self, sample: dict[str, Any], rng: np.random.Generator) -> dict[str, Any]:
         if "json" not in sample:
@@ -217,7 +241,8 @@ class SampleDecoder:
         }
 
 
-def collate(examples: list[dict[str, Any]], data: DataConfig, features: FeatureConfig, skipped: int) -> dict[str, Any]:
+def collate(examples: list[dict[str, Any]], data: DataConfig, features: FeatureConfig, skipped: int,
+            skipped_keys: list[str] | None = None) -> dict[str, Any]:
     """Stack examples into one batch (layout in the module docstring)."""
     b = len(examples)
     t, f = features.num_audio_frames(data.clip_seconds), features.num_mel_bins
@@ -241,6 +266,7 @@ def collate(examples: list[dict[str, Any]], data: DataConfig, features: FeatureC
         "is_spoof": torch.tensor([int(m["spoof"] == "spoof") for m in metas]),
         "meta": metas,
         "skipped": skipped,
+        "skipped_keys": list(skipped_keys or ()),
     }
 
 
@@ -271,6 +297,7 @@ class Batcher:
     def __init__(self, decoder: SampleDecoder, partial: bool) -> None:
         self.decoder, self.partial = decoder, partial
         self._reported = 0
+        self._named = 0  # of decoder.bad, the names already sent
 
     def __call__(self, source: Iterator[dict[str, Any]]) -> Iterator[dict[str, Any]]:
         d = self.decoder
@@ -284,8 +311,10 @@ class Batcher:
             yield self._emit(pending)
 
     def _emit(self, examples: list[dict[str, Any]]) -> dict[str, Any]:
-        skipped, self._reported = self.decoder.skipped - self._reported, self.decoder.skipped
-        return collate(examples, self.decoder.data, self.decoder.features, skipped)
+        d = self.decoder
+        skipped, self._reported = d.skipped - self._reported, d.skipped
+        names, self._named = d.bad[self._named:], len(d.bad)
+        return collate(examples, d.data, d.features, skipped, names)
 
 
 class StreamingLoader:
@@ -312,7 +341,7 @@ class StreamingLoader:
         self.decoder = SampleDecoder(data, features, stats, rank)
         stages: list[Any] = [
             self.stream,
-            wds.tarfile_to_samples(handler=self.decoder.tar_error),
+            self.decoder.read_shards,
         ]
         if data.bona_fide_only:
             stages.append(bona_fide)
@@ -330,9 +359,12 @@ class StreamingLoader:
             prefetch_factor=2 if data.num_workers > 0 else None,
         )
 
-    def set_epoch(self, epoch: int, batches_done: int = 0) -> None:
+    def set_epoch(self, epoch: int, batches_done: int = 0, known_bad: Iterable[str] = ()) -> None:
         """Position the next iteration at `batches_done` batches into epoch `epoch` (resume).
-        Exact when no sample in the skipped part was corrupt."""
+        Exact when no sample in the skipped part was corrupt. `known_bad`: names of bad samples
+        the caller has counted already (in an earlier epoch or run): still skipped and counted
+        in `skipped`, but neither warned about nor sent again in `skipped_keys`."""
+        self.decoder._known.update(known_bad)
         self.stream.epoch = epoch
         self.decoder.epoch = epoch
         self.skipper.batches = batches_done

@@ -1023,7 +1023,7 @@ def _converted_on_ray(items: list[Item], dataset: str, faces: FaceConfig | None,
 
     started = not ray.is_initialized()
     if started:
-        ray.init(address=None if address == "local" else address, log_to_driver=False, configure_logging=False,
+        ray.init(address=address, log_to_driver=False, configure_logging=False,  # "local": a new instance, never a guess
                  **({"include_dashboard": False} if address == "local" else {}))
     try:
         task = ray.remote(num_cpus=1)(_convert_batch)
