@@ -58,3 +58,18 @@ def test_module_writes_the_reference(tmp_path):
     out = tmp_path / "configuration.md"
     reference.main(["--write", str(out)])
     assert out.read_text() == reference.render()
+
+
+def test_readme_is_short_and_docs_speak_of_the_project():
+    """The README stays a front page (at most 200 lines), and no project file speaks of how it was
+    developed (a session or issue number): history lives in git."""
+    import re
+
+    assert len((ROOT / "README.md").read_text().splitlines()) <= 200, "README.md is over 200 lines: move detail to docs/"
+    history = re.compile(r"session [0-9]+|issue [0-9]+", re.IGNORECASE)
+    folders = ["docs", "configs", "pretrain", "finetune", "kernels", "cluster", "avssl", "benchmarks"]
+    files = [ROOT / "README.md"] + [p for f in folders for p in (ROOT / f).rglob("*")
+                                    if p.suffix in (".md", ".py", ".yaml", ".sh", ".toml") and p.is_file()]
+    found = [f"{p.relative_to(ROOT)}:{n}" for p in files for n, line in enumerate(p.read_text().splitlines(), 1)
+             if history.search(line)]
+    assert not found, "development history in project files (keep it in git): " + ", ".join(found)
