@@ -16,7 +16,8 @@ REPO = Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "benchmarks" / "gpu_pretrain.sh"
 pytestmark = pytest.mark.slow
 
-STAGES = ["unpack", "gpu-recipes", "imports", "synth", "bench", "zero1", "resume", "export", "zero2", "finetune", "evaluate"]
+STAGES = ["unpack", "gpu-recipes", "imports", "synth", "bench", "bench-model", "zero1", "resume", "export", "zero2",
+          "finetune", "evaluate"]
 
 
 @pytest.fixture(scope="module")
@@ -40,7 +41,7 @@ def test_every_stage_runs_in_order_and_passes(dry_run):
     assert not bad, f"{bad}\n{proc.stdout[-6000:]}"
     assert res["ok"] is True and proc.returncode == 0
     assert res["mode"] == "dry-run" and res["recipe"]["config"] == "configs/pretrain/tiny.yaml"
-    assert {"results.json", "bench_train.json", "log.txt"} <= {p.name for p in dry_run["out"].iterdir()}
+    assert {"results.json", "bench_train.json", "bench_model.json", "log.txt"} <= {p.name for p in dry_run["out"].iterdir()}
 
 
 def test_preemption_resume_and_outputs(dry_run):
@@ -70,3 +71,17 @@ def test_results_hold_versions_rates_and_ratios(dry_run):
         sps = res["runs"][name]["samples_per_s_median"]
         assert sps > 0
         assert res["ratios"][f"{name}_vs_bare_step"] == pytest.approx(sps / bare, rel=1e-2)
+
+
+def test_bench_model_rows_in_results(dry_run):
+    """bench-model ran the eager grid (sdpa and triton, padded and packed) at the tiny size, skipped the
+    compiled run after parsing it, and results.json holds its rows with their ratios to the eager padded step."""
+    res, out = dry_run["results"], dry_run["out"]
+    rows = res["bench_model"]["rows"]
+    assert sorted((r["attn"], r["packed"]) for r in rows) == [("sdpa", False), ("sdpa", True), ("triton", False), ("triton", True)]
+    assert json.loads((out / "bench_model.json").read_text())["rows"] == rows
+    assert not (out / "bench_model_compile.json").exists()
+    assert "the compiled run is parsed, not run" in dry_run["proc"].stdout
+    for r in rows:
+        assert r["arch"] == "avvit_tiny_patch16" and r["batch_size"] == 4 and r["compile"] is None and r["step_ms"] > 0
+        assert r["vs_baseline"] == (1.0 if not r["packed"] else pytest.approx(r["vs_padded"]))
