@@ -82,12 +82,19 @@ proof: $(STAMP)
 	$(BIN)/avssl pretrain --config configs/pretrain/demo.yaml
 	$(BIN)/avssl prove --pretrained runs/demo/avssl/release --data $(CORPUS) --steps 100 --set head.freeze_backbone=true --set optim.base_lr=0.02 --seeds $(PROOF_SEEDS)
 
+# Every test, in two passes: the tests without Ray, DeepSpeed or servers on TEST_WORKERS
+# pytest-xdist workers (tests/conftest.py keeps a module's tests on one worker), then the
+# end-to-end tests (`slow`: Ray clusters, DeepSpeed runs, MLflow and Ray job servers) one at a
+# time. On CI's 2 cores, end-to-end tests run side by side starve each other's Ray start-up
+# (a job agent not ready in 60 s, a second node registering late) and fail for no defect.
+TEST_WORKERS ?= 2
 test: $(STAMP)
-	$(BIN)/python -m pytest --durations=15
+	$(BIN)/python -m pytest -n $(TEST_WORKERS) --dist loadgroup -m "not slow" --durations=10
+	$(BIN)/python -m pytest -m slow --durations=15
 
 # Without Ray, DeepSpeed or servers.
 test-fast: $(STAMP)
-	$(BIN)/python -m pytest -m "not slow" --durations=10
+	$(BIN)/python -m pytest -n $(TEST_WORKERS) --dist loadgroup -m "not slow" --durations=10
 
 clean:
 	rm -rf $(VENV) .venv-test-latest .venv-test-lowest data runs mlruns mlflow.db .pytest_cache

@@ -89,6 +89,9 @@ def test_wheel_installs_the_folders_under_avssl_only(tmp_path):
         assert f"avssl/{name}/__init__.py" not in names
         assert any(n.startswith(f"avssl/{name}/") and n.endswith(".py") for n in names), name
     assert "avssl/kernels/attention.py" in names and "avssl/pretrain/modeling.py" in names
+    # The recipes travel with it: `avssl prove` reads configs/finetune/<task>.yaml from the package.
+    assert {f"avssl/configs/finetune/{t}.yaml" for t in ("speaker", "emotion", "spoof")} <= set(names)
+    assert "avssl/configs/pretrain/tiny.yaml" in names
 
 
 def test_no_installed_distribution_claims_our_top_level_name():
@@ -97,3 +100,38 @@ def test_no_installed_distribution_claims_our_top_level_name():
     assert set(owners.get("avssl", ["avssl"])) == {"avssl"}
     for name in FOLDERS:
         assert "avssl" not in owners.get(name, []), f"avssl installs a bare top-level `{name}`"
+
+
+def test_cluster_never_imports_the_finetuning_package():
+    """The layering: finetune/ builds on cluster/ (the loop, engines, MLflow), never the reverse; the
+    finetuning workload reaches the loop by its import path in the worker config."""
+    import ast
+
+    found = []
+    for path in sorted((REPO / "cluster").glob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = [node.module or ""] if isinstance(node, ast.ImportFrom) else [a.name for a in getattr(node, "names", [])] if isinstance(node, ast.Import) else []
+            found += [f"{path.name}: {n}" for n in names if n.startswith(("avssl.finetune", "finetune"))]
+    assert not found, found
+
+
+def test_make_test_keeps_a_modules_tests_on_one_worker(tmp_path):
+    """`make test` runs `pytest -n 2 --dist loadgroup`; tests/conftest.py marks every test with its
+    module's group (spread modules aside), so a module-scoped fixture (a corpus, a pretraining run,
+    the GPU script's dry run) is built once. The grouping is silent when it breaks (pytest's node ids,
+    hook order): run a small suite with this conftest and check where each test ran."""
+    import re
+    import shutil
+
+    tests = tmp_path / "tests"
+    tests.mkdir()
+    shutil.copy(REPO / "tests" / "conftest.py", tests / "conftest.py")
+    (tests / "test_shared.py").write_text(
+        "import pytest\n\n@pytest.mark.parametrize('i', range(4))\ndef test_one(i):\n    pass\n")
+    (tests / "test_other.py").write_text("def test_two():\n    pass\n\ndef test_three():\n    pass\n")
+    proc = subprocess.run([sys.executable, "-m", "pytest", "-n", "2", "--dist", "loadgroup", "-v", "-p", "no:cacheprovider",
+                           "-p", "no:randomly", str(tests)], capture_output=True, text=True, cwd=tmp_path, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:]
+    ran = re.findall(r"^\[(gw\d)\] .*PASSED tests/(test_\w+)\.py::", proc.stdout, re.M)
+    workers = {module: {w for w, m in ran if m == module} for _, module in ran}
+    assert len(ran) == 6 and all(len(w) == 1 for w in workers.values()), proc.stdout[-3000:]
