@@ -52,10 +52,17 @@ def mode_flags(batch: dict[str, Any], mode: str) -> tuple[torch.Tensor, torch.Te
 
 
 def eval_loader(corpus: Path, split: str, features: dict[str, Any], batch_size: int, modalities: list[str]) -> StreamingLoader:
+    """The corpus split read as the release reads its inputs (`features`, its avssl_features.json):
+    its fbank settings, clip length and normalization statistics, so that evaluation scores (and
+    the calibration `avssl verify` decides with) come from the features inference computes. A
+    release stored without statistics falls back to the corpus's stats.json."""
+    from avssl.data.features import FbankStats
+
     fcfg = FeatureConfig.model_validate(features["features"])
     data = DataConfig(corpus=str(corpus), split=split, batch_size=batch_size, num_workers=0, crop="center",
                       clip_seconds=features["clip_seconds"], resampled=False, shuffle_buffer=0, modalities=modalities)
-    return StreamingLoader(data, fcfg)
+    stats = features.get("fbank_stats")
+    return StreamingLoader(data, fcfg, stats=FbankStats.model_validate(stats) if stats else None)
 
 
 def _forward_all(loader: StreamingLoader, modes: list[str], fn: Callable, total: int | None) -> dict[str, dict[str, list]]:

@@ -261,3 +261,32 @@ def test_a_corpus_that_disappears_is_an_error_not_a_spin(corpus, tmp_path):
     with pytest.raises(AvsslError, match=rf"shard reads in a row failed.*{gone}.*avssl data inspect"):
         for _ in range(50):
             next(batches)
+
+
+def test_evaluation_reads_a_corpus_with_the_releases_own_statistics(corpus, tmp_path):
+    """`avssl evaluate` normalizes the fbank as the release's inference does: with the statistics stored
+    in the release (avssl_features.json), whatever the corpus's stats.json holds and whether it has
+    one, so the scores and the calibration `avssl verify` reads come from the features inference
+    computes. A release stored without statistics reads the corpus's stats.json."""
+    import shutil
+
+    from avssl.finetune.evaluate import eval_loader
+
+    own = load_stats(corpus)
+    release = {"features": FEATURES.model_dump(mode="json"), "clip_seconds": 1.0, "fbank_stats": own.model_dump()}
+    other = {**release, "fbank_stats": {**own.model_dump(), "mean": own.mean + 1.0}}  # trained on another corpus
+    without = {k: v for k, v in release.items() if k != "fbank_stats"}
+
+    def first_batch(features, where=corpus):
+        batch = next(iter(eval_loader(where, "train", features, 4, ["audio", "video"])))
+        return batch["audio"][batch["has_audio"]]
+
+    reference = first_batch(release)
+    assert torch.equal(first_batch(without), reference)  # the corpus's own statistics: the same here
+    assert torch.allclose(first_batch(other), reference - 1.0 / (own.norm_std_scale * own.std), atol=1e-5)
+    bare = tmp_path / "no_stats"  # a corpus prepared without `avssl data stats`
+    shutil.copytree(corpus, bare)
+    (bare / "stats.json").unlink()
+    assert torch.equal(first_batch(release, bare), reference)
+    with pytest.raises(AvsslError, match="avssl data stats"):
+        first_batch(without, bare)

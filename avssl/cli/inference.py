@@ -204,7 +204,7 @@ def register(top: argparse._SubParsersAction) -> None:
     p.add_argument("--tasks", nargs="+", default=["speaker", "emotion", "spoof"], choices=["speaker", "emotion", "spoof"])
     p.add_argument("--seeds", type=int, nargs="+", default=[0], metavar="SEED",
                    help="head seeds: one head per seed and backbone, each clip's scores averaged over them before the "
-                        "verdict (e.g. --seeds 0 1 2, which make demo uses)")
+                        "verdict (e.g. --seeds 0 1 2, which make proof uses)")
     p.add_argument("--storage", default="runs/prove", help="where the finetuning runs go")
     p.add_argument("--out", default="runs/prove/report")
     p.add_argument("--recipes", help="folder of the finetuning recipes <task>.yaml (default: those shipped with avssl)")

@@ -322,15 +322,20 @@ class StreamingLoader:
 
     `len(loader)` is the number of batches an epoch yields on this rank (equal on every rank in
     resampled mode). Call `set_epoch(e)` before iterating epoch e for a new shuffle.
+
+    The fbank is normalized with the corpus's `stats.json`, or with `stats` where given: a release
+    evaluated on another corpus reads it with the statistics it was trained with, as inference does.
     """
 
-    def __init__(self, data: DataConfig, features: FeatureConfig, rank: int = 0, world_size: int = 1) -> None:
+    def __init__(self, data: DataConfig, features: FeatureConfig, rank: int = 0, world_size: int = 1,
+                 stats: FbankStats | None = None) -> None:
         import webdataset as wds
 
         self.data, self.features = data, features
         index = CorpusIndex.load(data.corpus)
-        stats = load_stats(Path(data.corpus))
-        stats.check_matches(features, str(Path(data.corpus) / "stats.json"))
+        if stats is None:
+            stats = load_stats(Path(data.corpus))
+            stats.check_matches(features, str(Path(data.corpus) / "stats.json"))
         count = index.count(data.split, data.bona_fide_only)
         shards = rank_shards(index.shards(data.split), rank, world_size, data.resampled)
         if data.resampled:
