@@ -26,6 +26,7 @@ so it never runs the backbone or pools by itself. `build_fusion(cfg, dim)` makes
 
 from __future__ import annotations
 
+import abc
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, NamedTuple, Protocol
@@ -151,7 +152,7 @@ class BatchEncoding(Protocol):
         the head reads it; computed from the tokens when not given)."""
 
 
-class Fusion(nn.Module):
+class Fusion(nn.Module, abc.ABC):
     """How the pooled features of a mode come from the backbone (`forward`), and the branches it needs.
 
     pool_branches: one pooling (and layer mix) per branch; head_branches: one task head per branch,
@@ -173,6 +174,7 @@ class Fusion(nn.Module):
         """Weights of the modalities (audio, video) in a combined prediction, summing to 1; None = equal."""
         return None
 
+    @abc.abstractmethod
     def forward(self, mode: str, batch: BatchEncoding) -> torch.Tensor:
         """Pooled features [B, P'] of `mode` from the modalities `batch.available(mode)` (at least one)."""
         raise NotImplementedError

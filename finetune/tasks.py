@@ -18,6 +18,7 @@ A task holds no parameters: `build_head` makes the head modules, which the task 
 
 from __future__ import annotations
 
+import abc
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -201,20 +202,24 @@ class Prediction:
     loss_logits: Callable[[torch.Tensor], torch.Tensor]
 
 
-class Task:
+class Task(abc.ABC):
     """A task's behaviour on pooled features; its heads are made by `build_head` and owned by the model."""
 
     @classmethod
+    @abc.abstractmethod
     def from_config(cls, cfg: HeadConfig) -> Task:
         raise NotImplementedError
 
+    @abc.abstractmethod
     def build_head(self, in_dim: int) -> nn.Module:
         raise NotImplementedError
 
+    @abc.abstractmethod
     def predict(self, head: nn.Module, features: torch.Tensor, present: torch.Tensor) -> Prediction:
         """`head` on pooled features [B, P] of samples `present` [B]."""
         raise NotImplementedError
 
+    @abc.abstractmethod
     def fuse(self, parts: Sequence[Prediction], weights: torch.Tensor | None) -> Prediction:
         """Late fusion: the mean of `parts` (one per modality) over the ones each sample has,
         weighted by `weights` [len(parts)] (None = equal). The features are averaged unweighted."""
@@ -224,14 +229,17 @@ class Task:
         """Loader labels -> the class indices `logits` are over (-1 kept as "no label")."""
         return labels.long()
 
+    @abc.abstractmethod
     def embeddings(self, pred: Prediction) -> torch.Tensor:
         """`TaskOutput.embeddings` of a prediction."""
         raise NotImplementedError
 
+    @abc.abstractmethod
     def per_modality(self, pred: Prediction) -> torch.Tensor:
         """`TaskOutput.per_modality` entry of a prediction."""
         raise NotImplementedError
 
+    @abc.abstractmethod
     def scores(self, pred: Prediction) -> torch.Tensor:
         """Evaluation scores of a prediction."""
         raise NotImplementedError
