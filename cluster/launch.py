@@ -40,8 +40,9 @@ from avssl.cluster.console import install_output_filter
 from avssl.cluster.export import RUN_CONFIG, export_release
 from avssl.cluster.runlock import LOCK_FILE, RunLock
 from avssl.cluster.train import train_func
-from avssl.cluster.tracking import MlflowLogger, mlflow_ui_command, open_run, public_recipe, redact_uri, resolve_tracking_uri
-from avssl.config import flatten, save_resolved
+from avssl.cluster.tracking import (MlflowLogger, find_run, mlflow_ui_command, open_run, public_recipe, redact_uri,
+                                   resolve_tracking_uri)
+from avssl.config import flatten, save_resolved, to_yaml
 
 log = logging.getLogger("avssl.launch")
 
@@ -420,6 +421,35 @@ def check_resumable(recipe: Any, run_dir: Path) -> None:
             f"{run_dir} to start over.")
 
 
+def finished_run(recipe: Any, run_dir: Path, storage: str, exports: bool) -> RunResult | None:
+    """The run as it stands when it has already reached trainer.total_steps under this very recipe
+    (its saved config.yaml reads the same) and written its release: re-running its command returns
+    it without starting Ray, exporting again or registering a second model version. Any change to
+    the recipe (more steps, another learning rate) goes on training instead; so does a run whose
+    checkpoints are in an object store (not read from here). None when the run is not finished."""
+    t = recipe.trainer
+    control = run_dir / "avssl"
+    saved = control / RUN_CONFIG
+    if storage.startswith(REMOTE_SCHEMES) or not saved.is_file() or (control / "PREEMPTED").exists():
+        return None
+    checkpoints = complete_checkpoints(run_dir, warn=False)
+    release = control / "release"  # written atomically (export.atomic_directory): there means complete
+    if not checkpoints or (t.export and exports and not release.is_dir()):
+        return None
+    try:
+        step = int(json.loads((checkpoints[-1] / STATE_FILE).read_text())["step"])
+    except (OSError, ValueError, KeyError):
+        return None
+    if step < t.total_steps or saved.read_text() != to_yaml(public_recipe(recipe)):
+        return None
+    uri = resolve_tracking_uri(recipe.mlflow, storage)
+    run_id, metrics = find_run(recipe.mlflow, uri, t.name)
+    log.warning("run %s finished at step %d earlier under this recipe: kept as it is (change the recipe or "
+                "trainer.name to train again)", t.name, step)
+    return RunResult("FINISHED", run_dir, checkpoints[-1], release if release.is_dir() else None, run_id, uri,
+                     {**metrics, "step": step})
+
+
 def run_pretraining(recipe: PretrainRecipe, address: str | None = None) -> RunResult:
     """Pretraining: the shared runner with the pretraining workload and a backbone release."""
     return run_training(recipe, address, kind="pretrain",
@@ -462,6 +492,9 @@ def _run_training(recipe: Any, address: str | None, *, kind: str, export=None,
     storage = storage_location(t)
     if not storage.startswith(REMOTE_SCHEMES):
         Path(storage).mkdir(parents=True, exist_ok=True)
+    done = finished_run(recipe, Path(storage) / t.name, storage, export is not None)
+    if done is not None:
+        return done
     init_ray(address)
     if not storage.startswith(REMOTE_SCHEMES):
         check_shared_storage(Path(storage))

@@ -115,6 +115,22 @@ def open_run(cfg: MlflowConfig, uri: str, run_name: str, storage_path: str | Pat
     return client.create_run(exp_id, run_name=cfg.run_name or run_name, tags=tags).info.run_id
 
 
+def find_run(cfg: MlflowConfig, uri: str, run_name: str) -> tuple[str | None, dict[str, float]]:
+    """The id and latest metrics of the run `open_run` made for `run_name`, left as it is; (None, {})
+    where there is none or the tracking server cannot be reached."""
+    try:
+        client = _client(uri, cfg.timeout_s)
+        exp = client.get_experiment_by_name(cfg.experiment)
+        if exp is None:
+            return None, {}
+        found = client.search_runs([exp.experiment_id], filter_string=f"tags.`{RUN_NAME_TAG}` = '{run_name}'",
+                                   max_results=1, order_by=["attributes.start_time DESC"])
+    except Exception as exc:  # the run itself is on disk: tracking is not needed to return it
+        log.warning("MLflow at %s unavailable (%s): the finished run's metrics are not shown", redact_uri(uri), exc)
+        return None, {}
+    return (found[0].info.run_id, dict(found[0].data.metrics)) if found else (None, {})
+
+
 class NullLogger:
     """What every rank but 0 gets: the same methods, doing nothing."""
 

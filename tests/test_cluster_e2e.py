@@ -21,6 +21,7 @@ import pytest
 
 from avssl.config import load_config
 from avssl.data.corpus import CorpusRecipe, synthesize_corpus
+from test_faults import _run_status, _stopped_line
 from test_packaging import check_probe
 
 REPO = Path(__file__).resolve().parents[1]
@@ -85,19 +86,28 @@ def _tail(proc) -> str:
 
 
 def test_sigterm_checkpoints_and_resume_is_exact(corpus, tmp_path):
-    """SIGTERM makes the run checkpoint and exit; re-running resumes and the losses after resume equal an uninterrupted run's."""
+    """SIGTERM to the driver's whole process group (as a batch system or a terminal sends it) makes the run
+    checkpoint and exit 143 with one line naming the step and the command that resumes, MLflow KILLED;
+    the local Ray instance's processes are in that group and ignore it (before, they died and the run
+    exited 1 with 'Failed to connect to GCS'). Re-running resumes, and the losses after the resume equal
+    an uninterrupted run's."""
     reference = pretrain(corpus, tmp_path, "uninterrupted")
     assert reference.returncode == 0, _tail(reference)
 
     cmd = [sys.executable, "-m", "avssl.cli", "pretrain", "--config", str(TINY), *overrides(corpus, tmp_path, "preempted")]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env(), cwd=REPO)
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env(), cwd=REPO,
+                            start_new_session=True)
     run_dir = tmp_path / "preempted"
     wait_for(lambda: (run_dir / "checkpoint_000000008").is_dir(), 300, proc, "the first checkpoint")
-    proc.send_signal(signal.SIGTERM)
+    os.killpg(proc.pid, signal.SIGTERM)
     out, _ = proc.communicate(timeout=300)
     assert proc.returncode == 143, out[-4000:]
+    assert "Failed to connect to GCS" not in out
     stopped_at = int((run_dir / "avssl" / "PREEMPTED").read_text())
     assert 8 < stopped_at < 24 and (run_dir / f"checkpoint_{stopped_at:09d}").is_dir()
+    line = _stopped_line(out)
+    assert line[2] == "SIGTERM" and int(line[1]) == stopped_at and "trainer.name=preempted" in line[4]
+    assert _run_status(tmp_path, "preempted") == "KILLED"
 
     resumed = pretrain(corpus, tmp_path, "preempted")
     assert resumed.returncode == 0, _tail(resumed)
@@ -165,8 +175,11 @@ def test_multinode_cluster_places_workers_on_both_nodes(corpus, tmp_path):
     from avssl.cluster.config import PretrainRecipe
     from avssl.cluster.launch import run_pretraining
 
-    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1})
-    cluster.add_node(num_cpus=1)
+    ray.shutdown()  # an instance an earlier test of this worker process left connected
+    # Ports of their own (Cluster asks for Ray's fixed defaults): other tests' Ray instances may run beside it.
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "dashboard_port": _free_port(),
+                                                            "dashboard_agent_listen_port": _free_port()})
+    cluster.add_node(num_cpus=1, dashboard_agent_listen_port=_free_port())
     cluster.wait_for_nodes()
     try:
         recipe = load_config(PretrainRecipe, TINY, [
@@ -223,6 +236,10 @@ def test_submit_to_token_authenticated_head_with_mlflow_server(corpus, tmp_path)
     head = subprocess.Popen(
         [str(bindir / "ray"), "start", "--head", "--block", "--port", str(gcs_port), "--num-cpus", "2",
          "--include-dashboard", "true", "--dashboard-host", "127.0.0.1", "--dashboard-port", str(dash_port),
+         # Free ports for the servers Ray otherwise starts on fixed defaults (the job agent's HTTP
+         # server on 52365, the client server on 10001): other tests' Ray instances may run beside it.
+         *[w for flag in ("--dashboard-agent-listen-port", "--dashboard-agent-grpc-port", "--runtime-env-agent-port",
+                          "--metrics-export-port", "--ray-client-server-port") for w in (flag, str(_free_port()))],
          "--disable-usage-stats"],
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=head_env, start_new_session=True,
     )

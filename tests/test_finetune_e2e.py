@@ -191,6 +191,7 @@ def test_resolve_init_sources_and_errors(world, tmp_path):
     shutil.rmtree(tmp_path / "init")
 
 
+@pytest.mark.xdist_group("test_finetune_e2e.py::prove")  # the longest test here: beside the others, on a worker of its own
 def test_prove_compares_pretrained_and_random_and_names_runs_by_the_release(world, tmp_path, capsys):
     """`avssl prove` finetunes the same recipe from the release and from a random backbone, writes the
     table (gain and its two-standard-error margin per modality) and keys its runs by the weights' hash."""
@@ -232,6 +233,12 @@ def test_prove_compares_pretrained_and_random_and_names_runs_by_the_release(worl
     # and each clip's class probabilities are averaged over the two heads before the verdict.
     from avssl.finetune.evaluate import headline
 
+    def released_at(name: str) -> int:
+        return (storage / name / "avssl" / "release").stat().st_mtime_ns
+
+    # Seed 0's pretrained run is finished under the same recipe: returned as it is, not re-run. (The
+    # random one's recipe names this call's own copy of the random backbone, under its --out: it resumes.)
+    kept = {name: released_at(name) for name in names if "-pretrained-" in name}
     pooled_out = tmp_path / "pooled"
     assert main(["prove", "--pretrained", str(release), "--data", str(world["corpus"]), "--steps", "4", "--tasks", "emotion",
                  "--seeds", "0", "1", "--storage", str(storage), "--out", str(pooled_out),
@@ -240,6 +247,7 @@ def test_prove_compares_pretrained_and_random_and_names_runs_by_the_release(worl
     pooled = json.loads((pooled_out / "proof.json").read_text())
     assert pooled["seeds"] == [0, 1]
     assert len([p for p in storage.iterdir() if p.name.startswith("prove-")]) == 4
+    assert {name: released_at(name) for name in kept} == kept and len(kept) == 1
     single = {(t["task"], t["mode"]): t for t in proof["table"]}
     for t in pooled["table"]:
         if t["task"] == "emotion":
