@@ -86,7 +86,7 @@ if [ "$DRY" = 1 ]; then
   BUDGET=${AVSSL_GPU_BUDGET_S:-600}
   CORPUS_CONFIG=configs/data/tiny.yaml CORPUS_SETS=()
   PRE_CONFIG=configs/pretrain/tiny.yaml
-  BATCH=4 STEPS=30 CKPT=4 LOG=2 STEPS_ZERO2=6 BENCH_STEPS=2 FT_STEPS=4 DEVICE=cpu
+  BATCH=4 STEPS=20 CKPT=4 LOG=2 STEPS_ZERO2=6 BENCH_STEPS=2 FT_STEPS=4 DEVICE=cpu
   PRE_SETS=(trainer.num_workers=1 trainer.cpus_per_worker=1 trainer.gpus_per_worker=0 data.num_workers=1)
   # configs/finetune/speaker.yaml is written for the demo corpus: these fit it to the tiny one.
   SHAPE_SETS=(data.clip_seconds=1.0 features.num_mel_bins=64 features.image_size=32 features.num_frames=2)

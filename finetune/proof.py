@@ -30,7 +30,9 @@ HEADLINE = {"speaker": ("eer", True), "emotion": ("unweighted_accuracy", False),
 
 
 def random_backbone_release(pretrained: Path, out: Path) -> Path:
-    """A randomly initialized backbone with the pretrained one's config and feature settings."""
+    """A randomly initialized backbone (seed 0) with the pretrained one's config and feature
+    settings, written to `out` whole or not at all; an `out` already written is returned as it is."""
+    import os
     import shutil
 
     import torch
@@ -41,10 +43,29 @@ def random_backbone_release(pretrained: Path, out: Path) -> Path:
 
     if (out / "config.json").is_file():
         return out
+    partial = out.with_name(f".{out.name}.partial-{os.getpid()}")
+    shutil.rmtree(partial, ignore_errors=True)
     torch.manual_seed(0)
-    AVViTModel(AVViTConfig.from_pretrained(pretrained)).save_pretrained(out, safe_serialization=True)
-    shutil.copy(pretrained / FEATURES_FILE, out / FEATURES_FILE)
+    AVViTModel(AVViTConfig.from_pretrained(pretrained)).save_pretrained(partial, safe_serialization=True)
+    shutil.copy(pretrained / FEATURES_FILE, partial / FEATURES_FILE)
+    try:
+        partial.rename(out)
+    except OSError:  # written meanwhile by another proof of the same config: the same weights
+        shutil.rmtree(partial, ignore_errors=True)
     return out
+
+
+def _content_tag(paths: list[Path]) -> str:
+    import hashlib
+
+    digest = hashlib.sha256()
+    for path in paths:
+        if not path.is_file():
+            continue
+        with open(path, "rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                digest.update(block)
+    return digest.hexdigest()[:8]
 
 
 def release_tag(release: Path) -> str:
@@ -54,19 +75,19 @@ def release_tag(release: Path) -> str:
     of one config) keeps its tag, and its runs are resumed, across releases of one recipe and
     corpus. The config is in the hash because some of its fields change the forward pass without
     changing the weights (hidden_act, layer_norm_eps, dropout)."""
-    import hashlib
-
     from avssl.cluster.export import FEATURES_FILE
 
-    digest = hashlib.sha256()
     release = Path(release)
-    for path in [*sorted(release.glob("*.safetensors")), release / "config.json", release / FEATURES_FILE]:
-        if not path.is_file():
-            continue
-        with open(path, "rb") as f:
-            for block in iter(lambda: f.read(1 << 20), b""):
-                digest.update(block)
-    return digest.hexdigest()[:8]
+    return _content_tag([*sorted(release.glob("*.safetensors")), release / "config.json", release / FEATURES_FILE])
+
+
+def config_tag(release: Path) -> str:
+    """A short hash of a release's model config and feature settings, without its weights: the
+    random backbone of every release of one config is one folder in the proof's storage, so its
+    runs, whose recipes name that folder, are found finished by any later proof instead of retrained."""
+    from avssl.cluster.export import FEATURES_FILE
+
+    return _content_tag([Path(release) / "config.json", Path(release) / FEATURES_FILE])
 
 
 def recipe_tag(recipe: FinetuneRecipe) -> str:
@@ -118,7 +139,8 @@ def prove(pretrained: Path, corpus: Path, out: Path, steps: int, storage: Path, 
                          "(with --seeds the proof trains one head per seed and pools their scores)")
     out.mkdir(parents=True, exist_ok=True)
     tag = release_tag(pretrained)
-    random_release = random_backbone_release(pretrained, out / f"random_backbone-{tag}")
+    Path(storage).mkdir(parents=True, exist_ok=True)
+    random_release = random_backbone_release(pretrained, (Path(storage) / f"random_backbone-{config_tag(pretrained)}").resolve())
     tags = {"pretrained": tag, "random": release_tag(random_release)}
     rows: list[dict[str, Any]] = []
     for init_name, release in (("pretrained", pretrained), ("random", random_release)):

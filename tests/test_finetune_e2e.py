@@ -191,12 +191,11 @@ def test_resolve_init_sources_and_errors(world, tmp_path):
     shutil.rmtree(tmp_path / "init")
 
 
-@pytest.mark.xdist_group("test_finetune_e2e.py::prove")  # the longest test here: beside the others, on a worker of its own
 def test_prove_compares_pretrained_and_random_and_names_runs_by_the_release(world, tmp_path, capsys):
     """`avssl prove` finetunes the same recipe from the release and from a random backbone, writes the
     table (gain and its two-standard-error margin per modality) and keys its runs by the weights' hash."""
     from avssl.finetune.evaluate import read_scores
-    from avssl.finetune.proof import release_tag
+    from avssl.finetune.proof import config_tag, release_tag
 
     release = world["runs"] / "pre" / "avssl" / "release"
     shape = [item for item in TINY if not item.startswith("trainer.")]
@@ -217,7 +216,7 @@ def test_prove_compares_pretrained_and_random_and_names_runs_by_the_release(worl
     assert read_scores(out / "emotion_pretrained" / "scores_a.tsv")["key"]  # what the verdicts were computed from
     tag = release_tag(release)
     names = sorted(p.name for p in storage.iterdir() if p.name.startswith("prove-"))
-    random_tag = release_tag(out / f"random_backbone-{tag}")  # the random weights' own hash
+    random_tag = release_tag(storage / f"random_backbone-{config_tag(release)}")  # the random weights' own hash
     assert random_tag != tag
     assert [n.rsplit("-", 1)[0] for n in names] == [f"prove-emotion-pretrained-{tag}", f"prove-emotion-random-{random_tag}"]
     assert len({n.rsplit("-", 1)[1] for n in names}) == 1  # one recipe hash for the pair
@@ -229,16 +228,16 @@ def test_prove_compares_pretrained_and_random_and_names_runs_by_the_release(worl
         next(t["gain"] for t in proof["table"] if (t["task"], t["mode"]) == ("emotion", "AV")))
     assert {"proof.speaker_zero_shot.v.clear_margin", "proof.emotion.a.random"} <= set(run.data.metrics)
 
-    # --seeds 0 1: seed 0's runs are resumed (same recipe hash), seed 1 trains one head per backbone,
+    # --seeds 0 1: seed 0's runs are kept (same recipe hash), seed 1 trains one head per backbone,
     # and each clip's class probabilities are averaged over the two heads before the verdict.
     from avssl.finetune.evaluate import headline
 
     def released_at(name: str) -> int:
         return (storage / name / "avssl" / "release").stat().st_mtime_ns
 
-    # Seed 0's pretrained run is finished under the same recipe: returned as it is, not re-run. (The
-    # random one's recipe names this call's own copy of the random backbone, under its --out: it resumes.)
-    kept = {name: released_at(name) for name in names if "-pretrained-" in name}
+    # Seed 0's runs are finished under the same recipes: returned as they are, not re-run. (The random
+    # one's recipe names the random backbone in --storage, one folder per config, not one per call.)
+    kept = {name: released_at(name) for name in names}
     pooled_out = tmp_path / "pooled"
     assert main(["prove", "--pretrained", str(release), "--data", str(world["corpus"]), "--steps", "4", "--tasks", "emotion",
                  "--seeds", "0", "1", "--storage", str(storage), "--out", str(pooled_out),
@@ -247,7 +246,7 @@ def test_prove_compares_pretrained_and_random_and_names_runs_by_the_release(worl
     pooled = json.loads((pooled_out / "proof.json").read_text())
     assert pooled["seeds"] == [0, 1]
     assert len([p for p in storage.iterdir() if p.name.startswith("prove-")]) == 4
-    assert {name: released_at(name) for name in kept} == kept and len(kept) == 1
+    assert {name: released_at(name) for name in kept} == kept and len(kept) == 2
     single = {(t["task"], t["mode"]): t for t in proof["table"]}
     for t in pooled["table"]:
         if t["task"] == "emotion":
@@ -262,7 +261,7 @@ def test_prove_compares_pretrained_and_random_and_names_runs_by_the_release(worl
             assert any(c.startswith("p_") for c in read_scores(r["scores"]))  # pooled class probabilities
     assert "| per seed |" in (pooled_out / "proof.md").read_text()
 
-    # Another release of the same architecture: its own pretrained runs, the random backbone's resumed.
+    # Another release of the same architecture: its own pretrained runs, the random backbone's kept.
     from safetensors.torch import load_file, save_file
 
     other = tmp_path / "other_release"
@@ -273,11 +272,14 @@ def test_prove_compares_pretrained_and_random_and_names_runs_by_the_release(worl
     tensors[first] = tensors[first] + 0.01
     save_file(tensors, weights, metadata={"format": "pt"})
     before = {p.name for p in storage.iterdir() if p.name.startswith("prove-")}
+    random_run = next(name for name in before if "-random-" in name)
+    random_released = released_at(random_run)
     assert main(["prove", "--pretrained", str(other), "--data", str(world["corpus"]), "--steps", "4", "--tasks", "emotion",
                  "--storage", str(storage), "--out", str(tmp_path / "other_report"),
                  *sets(*shape, f"mlflow.tracking_uri={world['uri']}")]) == 0
     added = {p.name for p in storage.iterdir() if p.name.startswith("prove-")} - before
     assert [n.rsplit("-", 1)[0] for n in added] == [f"prove-emotion-pretrained-{release_tag(other)}"]
+    assert released_at(random_run) == random_released  # one random backbone per config: its run kept
     again = json.loads((tmp_path / "other_report" / "proof.json").read_text())
     assert {t["mode"]: t["random"] for t in again["table"] if t["task"] == "emotion"} == pytest.approx(
         {t["mode"]: t["random"] for t in proof["table"] if t["task"] == "emotion"})
