@@ -20,12 +20,17 @@ LOCK_TARGET := --python-version 3.11 --python-platform x86_64-manylinux_2_28
 .PHONY: demo proof test test-fast test-latest test-lowest install lock clean
 
 # Exactly the versions in requirements.lock, verified by hash, nothing resolved at install time;
-# then avssl itself, editable, with the locked build backend.
+# then avssl itself, editable, with the locked build backend. The installer is uv, itself taken
+# from the lock by pip with its hashes: the same files, verified the same way, downloaded and
+# unpacked in parallel: 30 s against pip's 103 s for the lock (torch with its CUDA libraries) on 2
+# cores with cold caches.
 install: $(STAMP)
 
 $(STAMP): pyproject.toml $(LOCK)
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install --quiet --require-hashes --no-deps -r $(LOCK)
+	@awk '/^uv==/ {keep = 1; print; next} keep && /^ +--hash/ {print; next} {keep = 0}' $(LOCK) > $(VENV)/uv.lock.txt
+	$(BIN)/python -m pip install --quiet --require-hashes --no-deps -r $(VENV)/uv.lock.txt
+	$(BIN)/uv pip install --python $(BIN)/python --quiet --require-hashes --no-deps -r $(LOCK)
 	$(BIN)/python -m pip install --quiet --no-deps --no-build-isolation -e .
 	$(BIN)/python -m pip check
 	@touch $(STAMP)
