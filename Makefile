@@ -30,7 +30,7 @@ $(STAMP): pyproject.toml $(LOCK)
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	@awk '/^uv==/ {keep = 1; print; next} keep && /^ +--hash/ {print; next} {keep = 0}' $(LOCK) > $(VENV)/uv.lock.txt
 	$(BIN)/python -m pip install --quiet --require-hashes --no-deps -r $(VENV)/uv.lock.txt
-	$(BIN)/uv pip install --python $(BIN)/python --quiet --require-hashes --no-deps -r $(LOCK)
+	$(BIN)/uv pip install --python $(BIN)/python --quiet --require-hashes --no-deps --compile-bytecode -r $(LOCK)
 	$(BIN)/python -m pip install --quiet --no-deps --no-build-isolation -e .
 	$(BIN)/python -m pip check
 	@touch $(STAMP)

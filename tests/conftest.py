@@ -42,11 +42,10 @@ SPREAD_MODULES = {
 LONGEST_FIRST = {
     "test_finetune_e2e.py": 300,
     "test_gpu_script.py": 190,
-    "test_cluster_e2e.py::test_sigterm_checkpoints_and_resume_is_exact": 155,
+    "test_cluster_e2e.py::test_ctrl_c_then_sigterm_to_the_process_group_checkpoint_and_the_resumes_are_exact": 200,
     "test_cluster_e2e.py::test_submit_to_token_authenticated_head_with_mlflow_server": 120,
     "test_training_parity.py": 115,
     "test_cluster_e2e.py::test_killed_worker_restarts_from_checkpoint": 70,
-    "test_faults.py::test_ctrl_c_to_the_driver_or_its_process_group_checkpoints_at_that_step_and_the_rerun_resumes_there": 75,
     "test_faults.py::damaged_run": 75,
 }
 

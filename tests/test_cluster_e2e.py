@@ -22,7 +22,7 @@ import pytest
 
 from avssl.config import load_config
 from avssl.data.corpus import CorpusRecipe, synthesize_corpus
-from test_faults import _run_status, _stopped_line
+from test_faults import _run_status, _signal_once_training, _stopped_line
 from test_packaging import check_probe
 
 REPO = Path(__file__).resolve().parents[1]
@@ -86,39 +86,48 @@ def _tail(proc) -> str:
     return (proc.stdout or "")[-4000:] + (proc.stderr or "")[-4000:]
 
 
-def test_sigterm_checkpoints_and_resume_is_exact(corpus, tmp_path):
-    """SIGTERM to the driver's whole process group (as a batch system or a terminal sends it) makes the run
-    checkpoint and exit 143 with one line naming the step and the command that resumes, MLflow KILLED;
-    the local Ray instance's processes are in that group and ignore it (before, they died and the run
-    exited 1 with 'Failed to connect to GCS'). Re-running resumes, and the losses after the resume equal
-    an uninterrupted run's."""
+def test_ctrl_c_then_sigterm_to_the_process_group_checkpoint_and_the_resumes_are_exact(corpus, tmp_path):
+    """Defects: Ctrl-C let training go on, then exited 1 with no message, and the re-run resumed from an
+    older step; SIGTERM to the driver's process group (a batch system's stop) killed the local Ray
+    instance's processes, which are in that group, and the run exited 1 with 'Failed to connect to
+    GCS'. Now SIGINT (a terminal's Ctrl-C) and then, to the re-run, SIGTERM, each to the driver's whole
+    process group, checkpoint at the next log step, mark the MLflow run KILLED and end with exit 130 or
+    143 and one line: the step, the checkpoint and the command that resumes. Each re-run resumes from
+    exactly that step, and every loss after the first resume equals an uninterrupted run's."""
+    from avssl.cluster.checkpoint import complete_checkpoints
+
     reference = pretrain(corpus, tmp_path, "uninterrupted")
     assert reference.returncode == 0, _tail(reference)
 
-    cmd = [sys.executable, "-m", "avssl.cli", "pretrain", "--config", str(TINY), *overrides(corpus, tmp_path, "preempted")]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env(), cwd=REPO,
-                            start_new_session=True)
-    run_dir = tmp_path / "preempted"
-    wait_for(lambda: (run_dir / "checkpoint_000000008").is_dir(), 300, proc, "the first checkpoint")
-    os.killpg(proc.pid, signal.SIGTERM)
-    out, _ = proc.communicate(timeout=300)
-    assert proc.returncode == 143, out[-4000:]
-    assert "Failed to connect to GCS" not in out
-    stopped_at = int((run_dir / "avssl" / "PREEMPTED").read_text())
-    assert 8 < stopped_at < 24 and (run_dir / f"checkpoint_{stopped_at:09d}").is_dir()
-    line = _stopped_line(out)
-    assert line[2] == "SIGTERM" and int(line[1]) == stopped_at and "trainer.name=preempted" in line[4]
-    assert _run_status(tmp_path, "preempted") == "KILLED"
+    run_dir = tmp_path / "stopped"
+    cmd = [sys.executable, "-m", "avssl.cli", "pretrain", "--config", str(TINY), *overrides(corpus, tmp_path, "stopped")]
+    stops: list[int] = []
+    for sig, code in ((signal.SIGINT, 130), (signal.SIGTERM, 143)):
+        # Sent once rank 0 has restored and begun training (its placement record).
+        rc, out, started = _signal_once_training(cmd, run_dir, lambda pid, sig=sig: os.killpg(pid, sig))
+        assert rc == code, out[-4000:]
+        assert "Failed to connect to GCS" not in out
+        assert started["resumed"] == bool(stops) and started["start_step"] == (stops[-1] if stops else 0), started
+        line = _stopped_line(out)
+        step = int(line[1])
+        assert line[2] == sig.name and line[3] == str(run_dir / f"checkpoint_{step:09d}"), line[0]
+        assert "trainer.name=stopped" in line[4] and line[4].startswith("avssl pretrain --config ")
+        assert int((run_dir / "avssl" / "PREEMPTED").read_text()) == step
+        assert complete_checkpoints(run_dir)[-1].name == f"checkpoint_{step:09d}"
+        assert _run_status(tmp_path, "stopped") == "KILLED"
+        stops.append(step)
+    assert 0 < stops[0] < stops[1] < 24, stops
 
-    resumed = pretrain(corpus, tmp_path, "preempted")
+    resumed = pretrain(corpus, tmp_path, "stopped")
     assert resumed.returncode == 0, _tail(resumed)
-    assert f"resumed at step {stopped_at}/24" in resumed.stdout + resumed.stderr
+    assert f"resumed at step {stops[1]}/24" in resumed.stdout + resumed.stderr
+    assert _run_status(tmp_path, "stopped") == "FINISHED"
 
     ref = metric_history(tmp_path, "loss", "uninterrupted")
-    got = metric_history(tmp_path, "loss", "preempted")
+    got = metric_history(tmp_path, "loss", "stopped")
     assert sorted(got) == sorted(ref) == list(range(4, 25, 4)), "step numbers in MLflow are not continuous"
-    for step in range(stopped_at + 4, 25, 4):
-        assert got[step] == pytest.approx(ref[step], rel=1e-5, abs=1e-6), f"step {step} differs after resume"
+    for step in range(stops[0] + 4, 25, 4):
+        assert got[step] == pytest.approx(ref[step], rel=1e-5, abs=1e-6), f"step {step} differs after a resume"
     assert (run_dir / "avssl" / "release" / "model.safetensors").is_file()
 
 

@@ -15,8 +15,8 @@
 | the console line has no elapsed time or ETA                   | test_the_progress_line_carries_step_loss_rate_elapsed_and_eta_once_per_log_step |
 | Ray prints an ERROR line about its PreemptionWatcher on every run | test_rays_preemption_watcher_false_alarm_is_dropped_and_other_ray_errors_are_kept |
 | registered model versions carry no description, tags or signature | test_a_registered_model_version_has_a_description_tags_and_an_input_signature |
-| Ctrl-C trains on, exits 1 silently, resumes from an older step  | test_ctrl_c_to_the_driver_or_its_process_group_checkpoints_at_that_step_and_the_rerun_resumes_there |
-| SIGTERM to the process group ends in 'Failed to connect to GCS' | test_cluster_e2e.py::test_sigterm_checkpoints_and_resume_is_exact |
+| Ctrl-C trains on, exits 1 silently, resumes from an older step  | test_cluster_e2e.py::test_ctrl_c_then_sigterm_to_the_process_group_checkpoint_and_the_resumes_are_exact |
+| SIGTERM to the process group ends in 'Failed to connect to GCS' | test_cluster_e2e.py::test_ctrl_c_then_sigterm_to_the_process_group_checkpoint_and_the_resumes_are_exact |
 | a full disk: restarts, a traceback, a partial checkpoint, RUNNING | test_a_full_disk_at_checkpoint_time_stops_at_once_keeping_the_previous_checkpoint |
 | no readable shard: every restart spent, then a traceback        | test_a_corpus_with_no_readable_shard_stops_before_any_worker_starts |
 """
@@ -661,10 +661,6 @@ def test_a_registered_model_version_has_a_description_tags_and_an_input_signatur
 
 # ----------------------------------------------------------------------------- clean stops
 
-# Steps enough that no run below reaches its end before the signal: each stops at its next log step.
-STOPPABLE = ("trainer.total_steps=80", "trainer.export=false")
-
-
 @pytest.fixture(scope="module")
 def stop_corpus(tmp_path_factory) -> Path:
     from avssl.config import load_config
@@ -725,36 +721,6 @@ def _run_status(storage: Path, name: str, uri: str | None = None) -> str:
     (run,) = client.search_runs([client.get_experiment_by_name("avssl-tests").experiment_id],
                                 filter_string=f"tags.`avssl.run_name` = '{name}'")
     return run.info.status
-
-
-@pytest.mark.slow
-def test_ctrl_c_to_the_driver_or_its_process_group_checkpoints_at_that_step_and_the_rerun_resumes_there(stop_corpus, tmp_path):
-    """Defect: Ctrl-C let training go on, then exited 1 with no message, and the re-run resumed from an
-    older step. Now SIGINT, to the driver or (as a terminal sends it) to its whole process group,
-    checkpoints at the next log step, marks the MLflow run KILLED and ends with exit 130 and one line:
-    the step, the checkpoint and the command to resume; the re-run resumes from exactly that step."""
-    from avssl.cluster.checkpoint import complete_checkpoints
-
-    run_dir = tmp_path / "ctrlc"
-    cmd = _pretrain_cmd(stop_corpus, tmp_path, "ctrlc", *STOPPABLE)
-    rc, out, started = _signal_once_training(cmd, run_dir, lambda pid: os.kill(pid, signal.SIGINT))
-    assert rc == 130, out[-4000:]
-    line = _stopped_line(out)
-    first = int(line[1])
-    assert line[2] == "SIGINT" and line[3] == str(run_dir / f"checkpoint_{first:09d}") and not started["resumed"]
-    assert "trainer.name=ctrlc" in line[4] and line[4].startswith("avssl pretrain --config ")
-    assert int((run_dir / "avssl" / "PREEMPTED").read_text()) == first
-    assert complete_checkpoints(run_dir)[-1].name == f"checkpoint_{first:09d}"
-    assert _run_status(tmp_path, "ctrlc") == "KILLED"
-
-    rc, out, started = _signal_once_training(cmd, run_dir, lambda pid: os.killpg(pid, signal.SIGINT))
-    assert rc == 130, out[-4000:]
-    assert started["resumed"] and started["start_step"] == first, started  # the newest step, not an older checkpoint
-    line = _stopped_line(out)
-    second = int(line[1])
-    assert line[2] == "SIGINT" and second > first
-    assert complete_checkpoints(run_dir)[-1].name == f"checkpoint_{second:09d}"
-    assert _run_status(tmp_path, "ctrlc") == "KILLED"
 
 
 class _OneFileEngine:
