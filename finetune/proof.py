@@ -32,26 +32,20 @@ HEADLINE = {"speaker": ("eer", True), "emotion": ("unweighted_accuracy", False),
 def random_backbone_release(pretrained: Path, out: Path) -> Path:
     """A randomly initialized backbone (seed 0) with the pretrained one's config and feature
     settings, written to `out` whole or not at all; an `out` already written is returned as it is."""
-    import os
     import shutil
 
     import torch
 
-    from avssl.cluster.export import FEATURES_FILE
+    from avssl.cluster.export import FEATURES_FILE, atomic_directory
     from avssl.pretrain.configuration import AVViTConfig
     from avssl.pretrain.modeling import AVViTModel
 
     if (out / "config.json").is_file():
         return out
-    partial = out.with_name(f".{out.name}.partial-{os.getpid()}")
-    shutil.rmtree(partial, ignore_errors=True)
     torch.manual_seed(0)
-    AVViTModel(AVViTConfig.from_pretrained(pretrained)).save_pretrained(partial, safe_serialization=True)
-    shutil.copy(pretrained / FEATURES_FILE, partial / FEATURES_FILE)
-    try:
-        partial.rename(out)
-    except OSError:  # written meanwhile by another proof of the same config: the same weights
-        shutil.rmtree(partial, ignore_errors=True)
+    with atomic_directory(out) as tmp:
+        AVViTModel(AVViTConfig.from_pretrained(pretrained)).save_pretrained(tmp, safe_serialization=True)
+        shutil.copy(pretrained / FEATURES_FILE, tmp / FEATURES_FILE)
     return out
 
 
@@ -72,7 +66,7 @@ def release_tag(release: Path) -> str:
     """A short content hash of a release's weights, model config and feature settings: proof runs
     are named by it, so re-running the proof after a new pretraining trains afresh instead of
     resuming the old backbone's runs, while the random backbone (the same weights for every release
-    of one config) keeps its tag, and its runs are resumed, across releases of one recipe and
+    of one config) keeps its tag, and its finished runs are kept, across releases of one recipe and
     corpus. The config is in the hash because some of its fields change the forward pass without
     changing the weights (hidden_act, layer_norm_eps, dropout)."""
     from avssl.cluster.export import FEATURES_FILE
@@ -139,7 +133,6 @@ def prove(pretrained: Path, corpus: Path, out: Path, steps: int, storage: Path, 
                          "(with --seeds the proof trains one head per seed and pools their scores)")
     out.mkdir(parents=True, exist_ok=True)
     tag = release_tag(pretrained)
-    Path(storage).mkdir(parents=True, exist_ok=True)
     random_release = random_backbone_release(pretrained, (Path(storage) / f"random_backbone-{config_tag(pretrained)}").resolve())
     tags = {"pretrained": tag, "random": release_tag(random_release)}
     rows: list[dict[str, Any]] = []
