@@ -77,6 +77,8 @@ def build_engine(model: torch.nn.Module, ds: DeepSpeedConfig, optim: OptimConfig
     Ray has created the process group (gloo on CPU, nccl on GPU)."""
     import deepspeed
 
+    if device.type == "cpu":
+        skip_shm_allreduce_build()
     cfg = deepspeed_config(ds, optim, micro_batch, world_size, device)
     groups = groups if groups is not None else param_groups(model, optim.weight_decay)
     for group in groups:  # layer-wise decay and head scaling: scale the peak lr per group
@@ -87,3 +89,17 @@ def build_engine(model: torch.nn.Module, ds: DeepSpeedConfig, optim: OptimConfig
     sched = torch.optim.lr_scheduler.LambdaLR(opt, warmup_cosine(optim.warmup_steps, total_steps, optim.min_lr_ratio))
     engine, opt, _, sched = deepspeed.initialize(model=model, optimizer=opt, lr_scheduler=sched, config=cfg)
     return engine, opt, sched, cfg
+
+
+def skip_shm_allreduce_build() -> None:
+    """DeepSpeed's communication backend on a CPU compiles its shared-memory all-reduce with the
+    system's C++ compiler when it starts (torch's JIT extension build: about 20 s on 2 cores, and
+    again for every virtual environment, as the build file holds its path). Only its
+    `inference_all_reduce` uses it, which training never calls: gradients go through
+    torch.distributed (gloo). Marking the op incompatible in DeepSpeed's per-process table (built
+    once and kept, for edits like this one) skips the build, and with it the need for a compiler."""
+    import deepspeed.ops
+
+    ops = getattr(deepspeed.ops, "__compatible_ops__", None)
+    if isinstance(ops, dict):
+        ops["deepspeed_shm_comm"] = False

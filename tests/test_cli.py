@@ -23,6 +23,16 @@ def test_help_on_every_subcommand(words, capsys):
     assert exc.value.code == 0 and "usage: avssl" in capsys.readouterr().out
 
 
+def test_the_command_skips_the_collection_at_exit():
+    """The command's last exit handler freezes the garbage collector's objects, so the interpreter
+    does not walk torch's, Ray's and MLflow's objects once more at exit (about 2 s of CPU after a
+    run). A handler registered before the command runs after it and sees them frozen."""
+    code = ("import atexit, gc; atexit.register(lambda: print('frozen', gc.get_freeze_count() > 0)); "
+            "from avssl.cli import main; raise SystemExit(main(['data', 'inspect', '.']))")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2 and proc.stdout.strip().endswith("frozen True"), proc.stdout + proc.stderr
+
+
 def test_bad_config_key_is_one_clear_line_not_a_traceback(tmp_path):
     """A misspelled key exits 2 naming the file, key path and fix, with no traceback."""
     recipe = tmp_path / "bad.yaml"

@@ -79,6 +79,20 @@ def test_deepspeed_json_follows_config():
     assert not forced["bf16"]["enabled"]
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the CPU backend's op")
+def test_deepspeed_on_a_cpu_starts_without_compiling_its_shm_allreduce():
+    """DeepSpeed's CPU backend builds its shared-memory all-reduce (a C++ build, about 20 s on 2
+    cores, again in every virtual environment) when it starts, for inference only. Before an engine
+    on the CPU is built the op is marked off: DeepSpeed's start builds nothing and training's
+    gradients go through gloo."""
+    from deepspeed.comm.torch import build_shm_op
+
+    from avssl.cluster.engine import skip_shm_allreduce_build
+
+    skip_shm_allreduce_build()
+    assert build_shm_op() is None
+
+
 def test_warmup_cosine_schedule():
     """Linear warmup to 1, cosine down to the floor at the last step."""
     f = warmup_cosine(warmup_steps=10, total_steps=110, min_ratio=0.1)
