@@ -47,7 +47,18 @@ from avssl.config import flatten, save_resolved, to_yaml
 log = logging.getLogger("avssl.launch")
 
 LOCAL_RAY_OPTIONS = {"_node_ip_address": "127.0.0.1", "dashboard_host": "127.0.0.1"}
-LOCAL_HEALTH_CHECK_INTERVAL_S = "0.25"
+# Ray Train settings for a run on the local instance (a user's own value of each wins). Ray Train
+# hands them from the driver to its controller.
+LOCAL_TRAIN_ENV = {
+    # The controller polls its workers at this interval, and each state change of a run (started,
+    # finished, stopped) waits for a poll. Ray's 2 s default is sized for clusters; on one machine a
+    # poll is a local call, and a quarter second has a run's end seen at once: about 4 s less a run.
+    "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.25",
+    # The preemption watcher (an actor of its own, per run) polls Ray for nodes being drained,
+    # which a cluster's autoscaler or a cloud's spot notice does. The local instance is one node,
+    # the driver's own, with no autoscaler: there is nothing to watch.
+    "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0",
+}
 REMOTE_SCHEMES = ("s3://", "gs://", "gcs://", "abfs://", "hdfs://", "az://")
 
 
@@ -76,11 +87,8 @@ def init_ray(address: str | None) -> None:
         # (a Ray node runs any code it is sent). The dashboard hosts the state API Ray Train polls.
         # address="local": without it Ray attaches to whatever cluster `ray start` last recorded
         # in /tmp/ray, which may be another user's or another job's.
-        # Ray Train's controller polls its workers at this interval (Ray's default, 2 s, is sized
-        # for clusters); each state change of a run (started, finished, stopped) waits for a poll.
-        # On one machine a poll is a local call: a quarter second makes a run's end seen at once,
-        # about 4 s sooner per run. Ray Train hands the variable from the driver to the controller.
-        os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", LOCAL_HEALTH_CHECK_INTERVAL_S)
+        for name, value in LOCAL_TRAIN_ENV.items():
+            os.environ.setdefault(name, value)
         with _loopback_node(), _known_address(), _sigterm_blocked():
             ray.init(address="local", log_to_driver=True, logging_level=level, **LOCAL_RAY_OPTIONS)
         _end_without_grace()

@@ -264,7 +264,7 @@ for p in [me] + me.children(recursive=True):
     except psutil.Error:
         pass
 print("NODE", ray.util.get_node_ip_address())
-print("POLL", __import__("os").environ.get("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"))
+print("TRAIN", *(__import__("os").environ.get(k) for k in ("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER")))
 print("LISTEN", sorted(set(listening)))
 seen = ray.get(ray.remote(lambda: __import__("os").environ.get("RAY_ADDRESS")).remote())
 print("ADDRESS", ray.get_runtime_context().gcs_address, seen, __import__("os").environ.get("RAY_ADDRESS"))
@@ -294,16 +294,16 @@ def test_the_local_ray_instance_listens_on_loopback_only_and_ends_whole(tmp_path
     server of the local instance listens on the loopback address only. Ending it ends every one of
     its processes, the raylet's agents and workers included."""
     env = {k: v for k, v in os.environ.items()
-           if k not in ("RAY_ADDRESS", "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S")}
+           if k not in ("RAY_ADDRESS", "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER") and not k.startswith("RAY_TRAIN_")}
     proc = subprocess.run([sys.executable, "-c", RAY_BIND_SCRIPT], capture_output=True, text=True, timeout=240,
                           cwd=tmp_path, env=env)
     assert proc.returncode == 0, proc.stderr[-3000:]
     node = next(line for line in proc.stdout.splitlines() if line.startswith("NODE")).split()[1]
     listening = eval(next(line for line in proc.stdout.splitlines() if line.startswith("LISTEN"))[len("LISTEN "):])
     assert node == "127.0.0.1"
-    # Ray Train's controller, which the driver hands this variable, polls a run's workers every
-    # quarter second on one machine (Ray's 2 s default is sized for clusters).
-    assert next(line for line in proc.stdout.splitlines() if line.startswith("POLL")).split()[1] == "0.25"
+    # Ray Train's settings for one machine, which the driver hands its controller: workers polled
+    # every quarter second (Ray's 2 s default is sized for clusters), no watcher for node drains.
+    assert next(line for line in proc.stdout.splitlines() if line.startswith("TRAIN")).split()[1:] == ["0.25", "0"]
     assert listening, "found no listening socket to check"
     exposed = [(name, ip) for name, ip in listening if ip not in ("127.0.0.1", "::1", "::ffff:127.0.0.1")]
     assert not exposed, f"listening beyond loopback: {exposed}"
