@@ -1,6 +1,6 @@
 """benchmarks/gpu_pretrain.sh's CPU dry run (AVSSL_GPU_DRY_RUN=1): every stage of the one-call GPU
 script runs here at the tiny recipe, and the GPU recipe's overrides load, so the device call cannot
-fail on a typo. About 4 minutes on 2 cores (it starts Ray five times)."""
+fail on a typo. About 2 minutes on 2 idle cores (it starts Ray five times)."""
 
 from __future__ import annotations
 
