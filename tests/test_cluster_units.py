@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import socket
+import threading
 import time
 from pathlib import Path
 
@@ -91,6 +92,33 @@ def test_deepspeed_on_a_cpu_starts_without_compiling_its_shm_allreduce():
 
     skip_shm_allreduce_build()
     assert build_shm_op() is None
+
+
+@pytest.mark.skipif(threading.current_thread() is not threading.main_thread(), reason="signal handlers need the main thread")
+def test_a_second_ctrl_c_stops_at_once_and_a_repeated_sigterm_changes_nothing(tmp_path):
+    """The driver's signal handling: the first SIGINT or SIGTERM writes the STOP file (the workers
+    checkpoint at their next log step) and is kept for the exit status; a second SIGINT raises
+    KeyboardInterrupt (stop at once, without the checkpoint); a repeated SIGTERM (a batch system
+    that signals again) changes nothing. The previous handlers are back afterwards."""
+    import os
+    import signal
+
+    from avssl.cluster.launch import StopOnSignal
+
+    before = signal.getsignal(signal.SIGINT)
+    stop = tmp_path / "STOP"
+    with StopOnSignal(stop) as handler:
+        os.kill(os.getpid(), signal.SIGINT)
+        time.sleep(0.05)  # the handler runs in this thread between two bytecodes
+        assert stop.is_file() and handler.received == signal.SIGINT
+        written = stop.read_text()
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(0.05)
+        assert handler.received == signal.SIGINT and stop.read_text() == written
+        with pytest.raises(KeyboardInterrupt):
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(1)
+    assert signal.getsignal(signal.SIGINT) is before
 
 
 def test_warmup_cosine_schedule():
