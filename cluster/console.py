@@ -26,13 +26,14 @@ PROGRESS = re.compile(r"\bstep (\d+)/(\d+) \| (.* \| ETA \S+)\s*$")
 
 # On a cluster Ray Train (Ray 2.60) starts a `PreemptionWatcher` actor per worker group (it watches
 # for node drains; the local instance has none to watch and starts none) with max_restarts=-1 and
-# the workers' actor handles as constructor arguments. Ray Core's CreateActor logs at ERROR, from the TrainController's process on every run, that an actor
-# whose arguments are references and which may restart could fail to restart if those objects
-# were lost. Here they cannot be: the arguments are handles of the workers, owned by the
-# controller for as long as the watcher lives. The alternatives hide more than this line: on a
-# cluster RAY_TRAIN_ENABLE_PREEMPTION_WATCHER=0 turns off Ray Train's handling of node drains (a
-# grace window before the restart), and RAY_BACKEND_LOG_LEVEL would silence every C++ error of the
-# process. So exactly this message, for this class only, is dropped from the console.
+# the workers' actor handles as constructor arguments. Ray Core's CreateActor logs at ERROR, from
+# the TrainController's process on every run, that an actor whose arguments are references and which
+# may restart could fail to restart if those objects were lost. Here they cannot be: the arguments
+# are handles of the workers, owned by the controller for as long as the watcher lives. The
+# alternatives hide more than this line: on a cluster RAY_TRAIN_ENABLE_PREEMPTION_WATCHER=0 turns
+# off Ray Train's handling of node drains (a grace window before the restart), and
+# RAY_BACKEND_LOG_LEVEL would silence every C++ error of the process. So exactly this message, for
+# this class only, is dropped from the console.
 RAY_FALSE_ALARMS = (
     re.compile(r"Actor with class name: 'PreemptionWatcher' .*has constructor arguments in the object store "
                r"and max_restarts > 0"),
